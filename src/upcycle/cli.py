@@ -1,0 +1,131 @@
+"""The `upcycle` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from upcycle.errors import ConfigError, UpcycleError
+
+logger = logging.getLogger("upcycle")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", metavar="DIR",
+        help="data root holding one folder per task; used when the config sets no data.root, "
+        "and takes precedence over the UPCYCLE_DATA environment variable",
+    )
+    parser.add_argument("--quiet", action="store_true", help="hide progress bars")
+
+
+def _add_run_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN", help="an existing run directory")
+    _add_common(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upcycle",
+        description="Fine-tune experts along a trajectory, merge them or upcycle them into "
+        "MoE layers at every checkpoint, and see how training length changes the result.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run every stage the config enables",
+                              description="Run every stage the config enables, resuming "
+                              "completed work in an existing run directory.")
+    run.add_argument("config", metavar="CONFIG", help="YAML run config")
+    run.add_argument("--out", metavar="RUN",
+                     help="run directory (default: runs/<config name>)")
+    run.add_argument("--force", action="store_true",
+                     help="recompute a run directory whose config or data changed")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set training.steps=100 (repeatable)")
+    _add_common(run)
+
+    for name, text in (
+        ("finetune", "fine-tune the experts of an existing run directory"),
+        ("evaluate", "evaluate the zero-shot model and every stored expert checkpoint"),
+        ("merge", "merge the experts at every checkpoint step and evaluate the merges"),
+    ):
+        _add_run_dir(commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
+
+    data = commands.add_parser("data", help="build a benchmark suite in the task folder format")
+    data_commands = data.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    textsuite = data_commands.add_parser(
+        "textsuite", help="download the eight-task text suite from the Hugging Face Hub",
+        description="Download SST-2, TREC, Subj, CR, TweetEval emotion/irony/hate and AG News "
+        "from the Hugging Face Hub and write them as task folders. Needs hub access.",
+    )
+    textsuite.add_argument("out_dir", metavar="DIR", help="folder to write the tasks into")
+    textsuite.add_argument("--tasks", nargs="+", metavar="TASK", help="build only these tasks")
+    textsuite.add_argument("--seed", type=int, default=0,
+                           help="seed of the splits cut from train (default: 0)")
+    return parser
+
+
+def load_run_config(run_dir: str):
+    from upcycle.config import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a run directory: {path} not found. Start one with "
+            "`upcycle run CONFIG --out RUN`"
+        )
+    return load_config(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return dispatch(args)
+    except UpcycleError as error:
+        print(f"upcycle: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("upcycle: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from upcycle import pipeline
+    from upcycle.workspace import Workspace
+
+    progress = not getattr(args, "quiet", False)
+    if args.command == "run":
+        from upcycle.config import load_config
+
+        config = load_config(args.config, args.overrides)
+        out = args.out or str(Path("runs") / config.name)
+        pipeline.run_all(config, out, data_root=args.data, force=args.force, progress=progress)
+        logger.info("run directory: %s (summary in %s)", out, Path(out) / "summary.md")
+        return 0
+    if args.command == "data":
+        from upcycle.data.textsuite import build_textsuite
+
+        build_textsuite(Path(args.out_dir), tasks=args.tasks, seed=args.seed)
+        return 0
+    config = load_run_config(args.run_dir)
+    ws = Workspace(config, args.run_dir, data_root=args.data)
+    stages = {
+        "finetune": lambda: pipeline.run_finetune(ws, progress=progress),
+        "evaluate": lambda: pipeline.run_evaluate(ws),
+        "merge": lambda: pipeline.run_merge(ws),
+    }
+    stages[args.command]()
+    pipeline.run_summary(ws)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
