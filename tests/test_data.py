@@ -257,7 +257,7 @@ def test_hf_load_failure_suggests_local_path(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     message = load_error(tmp_path, format="hf", path="someone/missing")
     assert "failed to load dataset 'someone/missing'" in message
-    assert "set the task's path to the local folder" in message
+    assert "set the task's path to that folder" in message
 
 
 def test_hf_missing_absolute_path(tmp_path):

@@ -93,7 +93,7 @@ def test_forgetting_events_dtype():
 def test_last_visits_hand_history():
     steps, indices, _ = history()
     result = last_visits(steps, indices, NUM_EXAMPLES)
-    # Positions in VISITS of each example's latest visit; example 3 was never seen.
+    # Positions in VISITS of each example's latest visit. Example 3 was never seen.
     np.testing.assert_array_equal(result, [13, 7, 11, -1, 16, 3, 17])
 
 
@@ -168,12 +168,12 @@ def test_el2n_numpy_labels():
 
 
 def test_el2n_rejects_negative_logits():
-    with pytest.raises(AnalysisError, match="apply softmax"):
+    with pytest.raises(AnalysisError, match="Apply softmax"):
         el2n_scores(torch.tensor([[2.0, -1.0]]), torch.tensor([0]))
 
 
 def test_el2n_rejects_positive_logits():
-    with pytest.raises(AnalysisError, match="apply softmax"):
+    with pytest.raises(AnalysisError, match="Apply softmax"):
         el2n_scores(torch.tensor([[2.0, 0.5]]), torch.tensor([0]))
 
 

@@ -13,7 +13,7 @@ from upcycle.analysis.difficulty import AnalysisError
 from upcycle.analysis.gradients import per_example_grad_norms
 from upcycle.models.encoder import Classifier, LinearHead
 
-# On CPU, PyTorch has no vmap batching rule for its flash attention kernel and says so.
+# On CPU, PyTorch has no vmap batching rule for its flash attention kernel and warns.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 NUM_CLASSES = 3
@@ -24,15 +24,20 @@ def tiny_bert(dropout: float = 0.0):
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=dropout,
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     )
     return BertModel(config)
 
 
 class TinyClassifier(nn.Module):
-    """BERT, mean pooling and a linear head; `forward` returns logits [B, C]."""
+    """BERT, mean pooling and a linear head, whose `forward` returns logits [B, C]."""
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
@@ -88,9 +93,9 @@ def test_full_model_matches_loop():
 def test_chunk_size_does_not_change_norms():
     model = TinyClassifier(tiny_bert())
     batch = padded_batch()
-    one = per_example_grad_norms(model, batch, chunk_size=1)
+    single = per_example_grad_norms(model, batch, chunk_size=1)
     many = per_example_grad_norms(model, batch, chunk_size=8)
-    assert torch.allclose(one, many, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(single, many, rtol=1e-5, atol=1e-7)
 
 
 def test_frozen_parameters_excluded():
@@ -136,7 +141,7 @@ def test_dropout_off_and_modes_restored():
 
 
 def test_upcycle_classifier_with_indices():
-    # Classifier returns (logits, features); the `indices` entry from collate is skipped.
+    # Classifier returns (logits, features), and the `indices` entry from collate is skipped.
     model = Classifier(tiny_bert(), LinearHead(16, NUM_CLASSES), pooling="mean")
     batch = padded_batch()
     batch["indices"] = torch.arange(5)
@@ -151,7 +156,7 @@ def test_lora_adapter_parameters_only():
         tiny_bert(), LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"])
     )
     model = Classifier(encoder, LinearHead(16, NUM_CLASSES), pooling="cls")
-    # A freshly initialised LoRA B is zero; random values make the A gradients nonzero too.
+    # A freshly initialised LoRA B is zero, so random values make the A gradients nonzero.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -162,7 +167,7 @@ def test_lora_adapter_parameters_only():
 
 
 class BagOfEmbeddings(nn.Module):
-    """Mean token embedding and a linear layer; takes no attention mask."""
+    """Mean token embedding and a linear layer, without an attention mask."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -72,8 +72,13 @@ def test_linear_head_norm_matches_autograd():
         expected.append(torch.sqrt(sum(g.pow(2).sum() for g in gradients)))
     recorder = Recorder(4)
     recorder.observe(
-        1, torch.arange(4), logits.detach(), labels, last_layer_input=features,
-        logit_scale=head.logit_scale, last_layer_has_bias=head.has_bias,
+        1,
+        torch.arange(4),
+        logits.detach(),
+        labels,
+        last_layer_input=features,
+        logit_scale=head.logit_scale,
+        last_layer_has_bias=head.has_bias,
     )
     result = recorder.example_frame(final_step=1)["last_grad_norm"].to_numpy()
     assert np.allclose(result, torch.stack(expected).numpy(), rtol=1e-5)
@@ -90,8 +95,13 @@ def test_label_embedding_head_norm_matches_autograd():
     expected = autograd_head_norms(features, labels, head.class_embeddings, None, 20.0)
     recorder = Recorder(5)
     recorder.observe(
-        1, torch.arange(5), logits, labels, last_layer_input=features,
-        logit_scale=head.logit_scale, last_layer_has_bias=head.has_bias,
+        1,
+        torch.arange(5),
+        logits,
+        labels,
+        last_layer_input=features,
+        logit_scale=head.logit_scale,
+        last_layer_has_bias=head.has_bias,
     )
     result = torch.tensor(recorder.example_frame(final_step=1)["last_grad_norm"].to_numpy())
     assert torch.allclose(result.float(), expected, rtol=1e-5, atol=1e-6)
@@ -111,8 +121,12 @@ LOGIT_SCALE = 2.0
 def observe_batches(recorder, batches):
     for step, indices, labels, logits, features in batches:
         recorder.observe(
-            step, torch.tensor(indices), torch.tensor(logits), torch.tensor(labels),
-            last_layer_input=torch.tensor(features), logit_scale=LOGIT_SCALE,
+            step,
+            torch.tensor(indices),
+            torch.tensor(logits),
+            torch.tensor(labels),
+            last_layer_input=torch.tensor(features),
+            logit_scale=LOGIT_SCALE,
             last_layer_has_bias=True,
         )
 
@@ -130,7 +144,7 @@ def test_checkpoint_stats_hand_batches():
     recorder = Recorder(4)
     observe_batches(recorder, BATCHES[:2])
     stats = recorder.checkpoint_stats(2)
-    # Visits: example 0 right (margin 2) then wrong (-1); 1 wrong (-1); 2 right (3).
+    # Example 0 was right (margin 2), then wrong (-1). Example 1 was wrong (-1), 2 right (3).
     assert stats["train_loss"] == pytest.approx(
         (hand_loss(2) + hand_loss(-1) + hand_loss(3) + hand_loss(-1)) / 4
     )
@@ -162,8 +176,9 @@ def test_checkpoint_stats_without_visits():
 
 def test_checkpoint_stats_without_features():
     recorder = Recorder(2)
-    recorder.observe(1, torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
-                     torch.tensor([0, 1]))
+    recorder.observe(
+        1, torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+    )
     stats = recorder.checkpoint_stats(1)
     assert stats["learned_fraction"] == 1.0
     assert math.isnan(stats["grad_concentration_top1"])
@@ -225,11 +240,11 @@ def test_example_frame_earlier_step():
 
 def test_flush_every_batch_same_frame():
     batched = Recorder(4, flush_every=1)
-    kept = Recorder(4)
+    unflushed = Recorder(4)
     observe_batches(batched, BATCHES)
-    observe_batches(kept, BATCHES)
+    observe_batches(unflushed, BATCHES)
     pd.testing.assert_frame_equal(
-        batched.example_frame(final_step=3), kept.example_frame(final_step=3)
+        batched.example_frame(final_step=3), unflushed.example_frame(final_step=3)
     )
 
 
@@ -292,7 +307,10 @@ def test_observe_shape_mismatch():
 def test_observe_feature_shape_mismatch():
     with pytest.raises(AnalysisError, match="last_layer_input"):
         Recorder(3).observe(
-            1, torch.tensor([0, 1]), torch.zeros(2, 3), torch.tensor([0, 1]),
+            1,
+            torch.tensor([0, 1]),
+            torch.zeros(2, 3),
+            torch.tensor([0, 1]),
             last_layer_input=torch.zeros(3, 4),
         )
 

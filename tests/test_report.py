@@ -14,7 +14,7 @@ merge of the final checkpoints (59.0%). The experts' mean test accuracy is 75.0%
 at step 100 and 85.0% at step 1000. The LoRA merges are the same curves 5 points
 lower, under the names peft_linear and peft_ties.
 
-Rendering is the slow part (about a second per figure on a laptop CPU), so the
+Rendering is the slow part (over a second per figure on a 2-core machine), so the
 full run is rendered once per module and most tests read its files.
 """
 
@@ -31,7 +31,13 @@ import pytest
 
 from upcycle.errors import UpcycleError
 from upcycle.report import ReportError, figure_names, summary_paragraph, write_report
-from upcycle.report.figures import select_coefficients
+from upcycle.report.figures import (
+    MissingData,
+    RunResults,
+    interference_figure,
+    pooled_rate,
+    select_coefficients,
+)
 
 TASKS = ("alpha", "beta")
 STEPS = (0, 10, 100, 1000)
@@ -203,28 +209,32 @@ def interference_rows() -> pd.DataFrame:
     rows = []
     for seed in SEED_OFFSETS:
         for index, step in enumerate(STEPS[1:]):
-            rows.append(
+            common = {"seed": seed, "kind": "full", "step": step}
+            rows += [
+                {**common, "metric": "norm", "task_a": "alpha", "task_b": "", "value": 1.0},
+                {**common, "metric": "norm", "task_a": "beta", "task_b": "", "value": 2.0},
                 {
-                    "seed": seed,
-                    "kind": "full",
-                    "step": step,
-                    "metric": "sign_conflict",
-                    "task_a": "alpha",
-                    "task_b": "beta",
-                    "value": 0.2 + 0.05 * index,
-                }
-            )
-            rows.append(
-                {
-                    "seed": seed,
-                    "kind": "full",
-                    "step": step,
+                    **common,
                     "metric": "cosine",
                     "task_a": "alpha",
                     "task_b": "beta",
                     "value": 0.1 - 0.03 * index,
-                }
-            )
+                },
+                {
+                    **common,
+                    "metric": "mean_cosine",
+                    "task_a": "all",
+                    "task_b": "",
+                    "value": 0.1 - 0.03 * index,
+                },
+                {
+                    **common,
+                    "metric": "sign_conflict",
+                    "task_a": "all",
+                    "task_b": "",
+                    "value": 0.2 + 0.05 * index,
+                },
+            ]
     return pd.DataFrame(rows)
 
 
@@ -640,3 +650,28 @@ def test_select_coefficients_needs_validation() -> None:
     ]
     with pytest.raises(ReportError, match="no validation rows"):
         select_coefficients(pd.DataFrame(rows))
+
+
+# Figure helpers
+
+
+def test_pooled_rate_weights_by_n() -> None:
+    rows = pd.DataFrame({"decile_number": [3, 3], "n": [10, 30], "forgotten": [1, 9]})
+    assert pooled_rate(rows)["rate"].tolist() == [0.25]
+
+
+def test_interference_from_pair_rows(tmp_path: Path) -> None:
+    pairs = interference_rows()
+    pairs = pairs[pairs["metric"] == "cosine"]
+    results = RunResults(tmp_path, {"interference.csv": pairs})
+    drawn = interference_figure(results, kind="full")
+    assert "mean cosine similarity" in drawn.caption
+    assert "sign-conflict" not in drawn.caption
+
+
+def test_interference_without_rows(tmp_path: Path) -> None:
+    norms = interference_rows()
+    norms = norms[norms["metric"] == "norm"]
+    results = RunResults(tmp_path, {"interference.csv": norms})
+    with pytest.raises(MissingData, match="no sign_conflict or cosine rows"):
+        interference_figure(results, kind="full")

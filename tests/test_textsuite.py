@@ -231,3 +231,10 @@ def test_recipes_cover_suite():
     for recipe in RECIPES:
         mapped = set(recipe.label_map.values()) if recipe.label_map else set(recipe.class_names)
         assert mapped == set(recipe.class_names), recipe.name
+
+
+def test_surrogate_text_rejected(tmp_path):
+    source = hate_source()
+    source["test"] = {"text": ["ok", "bad \ud800"], "label": ["non-hate", "hate"]}
+    with pytest.raises(DataError, match="split 'test' row 1: text contains an unpaired surrogate"):
+        convert_task(RECIPE["hate"], source, tmp_path, seed=0)

@@ -54,6 +54,33 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         _add_run_dir(commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
 
+    moe = commands.add_parser(
+        "moe", help="upcycle the LoRA adapters of a run into MoE layers and train the routers",
+        description="Upcycle the LoRA adapters of every checkpoint step into MoE layers, train "
+        "each router on the multi-task mixture and evaluate it.",
+    )
+    _add_run_dir(moe)
+    analyze = commands.add_parser(
+        "analyze", help="difficulty, forgetting by merging and task-vector interference",
+        description="Fill results/forgetting.csv and results/interference.csv for a run.",
+    )
+    _add_run_dir(analyze)
+    select = commands.add_parser(
+        "select", help="apply stopping rules and merge-aware selection to saved trajectories",
+        description="Choose one checkpoint step per task with a stopping rule or merge-aware "
+        "search, merge those checkpoints and write results/selection.csv.",
+    )
+    _add_run_dir(select)
+    from upcycle.selection.stage import add_select_arguments
+
+    add_select_arguments(select)
+    report = commands.add_parser(
+        "report", help="write RUN/report/index.html with the run's figures",
+        description="Write RUN/report/index.html, one self-contained page, and the figures "
+        "as PNG and SVG files beside it.",
+    )
+    _add_run_dir(report)
+
     data = commands.add_parser("data", help="build a benchmark suite in the task folder format")
     data_commands = data.add_subparsers(dest="suite", required=True, metavar="SUITE")
     textsuite = data_commands.add_parser(
@@ -117,14 +144,26 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     config = load_run_config(args.run_dir)
     ws = Workspace(config, args.run_dir, data_root=args.data)
+    if args.command == "report":
+        pipeline.run_report(ws)
+        return 0
     stages = {
         "finetune": lambda: pipeline.run_finetune(ws, progress=progress),
         "evaluate": lambda: pipeline.run_evaluate(ws),
         "merge": lambda: pipeline.run_merge(ws),
+        "moe": lambda: pipeline.run_moe(ws, progress=progress),
+        "analyze": lambda: pipeline.run_analyze(ws),
+        "select": lambda: pipeline.run_select(ws, **select_options(args)),
     }
     stages[args.command]()
     pipeline.run_summary(ws)
     return 0
+
+
+def select_options(args: argparse.Namespace) -> dict:
+    from upcycle.selection.stage import options_from_arguments
+
+    return options_from_arguments(args)
 
 
 if __name__ == "__main__":

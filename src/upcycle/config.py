@@ -219,6 +219,10 @@ class SelectionConfig(Section):
     merge_aware: bool = True
 
 
+class ReportConfig(Section):
+    enabled: bool = True
+
+
 class RunConfig(Section):
     """A whole run: data, model, fine-tuning, merging, MoE and the later stages."""
 
@@ -234,6 +238,7 @@ class RunConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     executor: Literal["local", "ray"] = "local"
 
     @field_validator("seeds")

@@ -128,11 +128,51 @@ def zero_shot_rows(ws: Workspace) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)[columns]
 
 
+def run_moe(ws: Workspace, *, progress: bool = True) -> None:
+    from upcycle.moe.stage import run_moe_stage
+
+    with stage("moe"):
+        run_moe_stage(ws, progress=progress)
+
+
+def run_analyze(ws: Workspace) -> None:
+    from upcycle.analysis.stage import run_analysis_stage
+
+    with stage("analyze"):
+        run_analysis_stage(ws)
+
+
+def run_select(ws: Workspace, **options) -> None:
+    from upcycle.selection.stage import run_selection_stage
+
+    with stage("select"):
+        run_selection_stage(ws, **options)
+
+
+def run_report(ws: Workspace) -> None:
+    from upcycle.report import write_report
+
+    with stage("report"):
+        path = write_report(ws.run.root)
+        logger.info("report: %s", path)
+
+
+def summary_sections(ws: Workspace) -> list[str]:
+    """Sections that later stages add to summary.md, each from its own result files."""
+    sections = []
+    for module_name in ("upcycle.moe.stage", "upcycle.analysis.stage", "upcycle.selection.stage"):
+        import importlib
+
+        module = importlib.import_module(module_name)
+        sections += module.summary_section(ws.run)
+    return sections
+
+
 def run_summary(ws: Workspace) -> None:
     from upcycle.summary import write_summary
 
     with stage("summary"):
-        write_summary(ws.run)
+        write_summary(ws.run, summary_sections(ws))
 
 
 def run_all(config: RunConfig, run_dir, *, data_root=None, force=False, progress=True) -> Workspace:
@@ -141,7 +181,15 @@ def run_all(config: RunConfig, run_dir, *, data_root=None, force=False, progress
     ws.run.prepare(config, ws.input_files(), force=force)
     run_finetune(ws, progress=progress)
     run_merge(ws)
+    if config.moe.enabled:
+        run_moe(ws, progress=progress)
+    if config.analysis.enabled:
+        run_analyze(ws)
+    if config.selection.enabled:
+        run_select(ws)
     run_summary(ws)
+    if config.report.enabled:
+        run_report(ws)
     return ws
 
 

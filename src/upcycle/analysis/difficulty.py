@@ -72,8 +72,8 @@ def _sort_visits(steps, indices, correct, num_examples: int) -> _SortedVisits:
     if indices.size and (indices.min() < 0 or indices.max() >= num_examples):
         bad = indices[(indices < 0) | (indices >= num_examples)]
         raise AnalysisError(
-            f"example indices must lie in [0, {num_examples}), got {bad[:5].tolist()}; "
-            "pass the number of training examples as num_examples"
+            f"example indices must lie in [0, {num_examples}), got {bad[:5].tolist()}. "
+            "Pass the number of training examples as num_examples"
         )
     # np.lexsort sorts by the last key first: example index, then step, then position.
     order = np.lexsort((np.arange(len(steps)), steps, indices))
@@ -95,10 +95,10 @@ def learned_steps(steps, indices, correct, num_examples: int) -> np.ndarray:
 
     Args:
         steps, indices, correct: the visit history, 1-D arrays of equal length [V].
-        num_examples: number of training examples N; indices lie in [0, N).
+        num_examples: number of training examples N, so indices lie in [0, N).
 
     Returns:
-        float64 array [N]; NaN where the last visit was wrong or the example was never seen.
+        float64 array [N], NaN where the last visit was wrong or the example was never seen.
 
     Raises:
         AnalysisError: for a malformed history (see `_sort_visits`).
@@ -122,7 +122,7 @@ def first_correct_steps(steps, indices, correct, num_examples: int) -> np.ndarra
     """Return the step of each example's first correct visit.
 
     Returns:
-        float64 array [N]; NaN where the example was never classified correctly.
+        float64 array [N], NaN where the example was never classified correctly.
 
     Raises:
         AnalysisError: for a malformed history (see `_sort_visits`).
@@ -159,7 +159,7 @@ def last_visits(steps, indices, num_examples: int) -> np.ndarray:
     """Return the array position of each example's most recent visit.
 
     Returns:
-        int64 array [N] of positions into the history arrays; -1 for examples never seen.
+        int64 array [N] of positions into the history arrays, -1 for examples never seen.
 
     Raises:
         AnalysisError: for a malformed history (see `_sort_visits`).
@@ -181,7 +181,7 @@ def el2n_scores(probabilities: torch.Tensor, labels) -> torch.Tensor:
     probabilities are given.
 
     Args:
-        probabilities: softmax outputs [N, C]; each row sums to 1.
+        probabilities: softmax outputs [N, C], each row summing to 1.
         labels: class indices [N] (tensor, array or list).
 
     Returns:
@@ -200,25 +200,24 @@ def el2n_scores(probabilities: torch.Tensor, labels) -> torch.Tensor:
     num_rows, num_classes = probabilities.shape
     if labels.shape != (num_rows,):
         raise AnalysisError(
-            f"labels must have shape [{num_rows}] to match probabilities, "
-            f"got {tuple(labels.shape)}"
+            f"labels must have shape [{num_rows}] to match probabilities, got {tuple(labels.shape)}"
         )
     if num_rows == 0:
         return probabilities.new_zeros(0)
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise AnalysisError(f"labels must lie in [0, {num_classes}), got {labels.unique().tolist()}")
+        raise AnalysisError(
+            f"labels must lie in [0, {num_classes}), got {labels.unique().tolist()}"
+        )
     row_sums = probabilities.sum(dim=1)
     sums_to_one = torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-2)
     if not sums_to_one or probabilities.min() < 0:
         raise AnalysisError(
             "probabilities must be >= 0 with rows that sum to 1 (got values from "
             f"{probabilities.min().item():.4g} and row sums from {row_sums.min().item():.4g} "
-            f"to {row_sums.max().item():.4g}); apply softmax to the logits first"
+            f"to {row_sums.max().item():.4g}). Apply softmax to the logits first"
         )
     # Error vector p - onehot(y): subtract 1 at each row's label.
-    error = probabilities.scatter_add(
-        1, labels[:, None], -torch.ones_like(probabilities[:, :1])
-    )
+    error = probabilities.scatter_add(1, labels[:, None], -torch.ones_like(probabilities[:, :1]))
     return torch.linalg.vector_norm(error, dim=1)
 
 
@@ -236,8 +235,8 @@ def gradient_concentration(
         fractions: fractions of examples in (0, 1].
 
     Returns:
-        fraction -> share in [0, 1]; NaN for every fraction when `norms` is empty or sums
-        to zero.
+        fraction -> share in [0, 1]. Every share is NaN when `norms` is empty or sums to
+        zero.
 
     Raises:
         AnalysisError: for a norm array that is not 1-D, a negative or non-finite norm, or
@@ -249,7 +248,7 @@ def gradient_concentration(
     if norms.size and (not np.isfinite(norms).all() or norms.min() < 0):
         bad = norms[~np.isfinite(norms) | (norms < 0)]
         raise AnalysisError(
-            f"gradient norms must be finite and >= 0, got {bad[:5].tolist()}; drop examples "
+            f"gradient norms must be finite and >= 0, got {bad[:5].tolist()}. Drop examples "
             "without a recorded norm first"
         )
     for fraction in fractions:

@@ -19,7 +19,16 @@ from upcycle.analysis.difficulty import NUM_DECILES, AnalysisError, difficulty_d
 Kind = Literal["full", "lora"]
 
 FORGETTING_COLUMNS = (
-    "seed", "kind", "method", "step", "task", "split", "score", "decile", "n", "forgotten",
+    "seed",
+    "kind",
+    "method",
+    "step",
+    "task",
+    "split",
+    "score",
+    "decile",
+    "n",
+    "forgotten",
     "rate",
 )
 ALL_EXAMPLES_SCORE = "none"
@@ -66,8 +75,14 @@ def _row(
     n = int(retained.sum())
     forgotten_count = int(forgotten.sum())
     rate = forgotten_count / n if n else math.nan
-    return {**context, "score": score, "decile": decile, "n": n, "forgotten": forgotten_count,
-            "rate": rate}
+    return {
+        **context,
+        "score": score,
+        "decile": decile,
+        "n": n,
+        "forgotten": forgotten_count,
+        "rate": rate,
+    }
 
 
 def forgetting_rows(
@@ -94,8 +109,8 @@ def forgetting_rows(
 
     Args:
         expert_correct, merged_correct: boolean arrays [N].
-        scores: score name (such as "learned_step" or "el2n") -> scores [N]; None or
-            empty for the "all" row only.
+        scores: score name (such as "learned_step" or "el2n") -> scores [N]. Pass None
+            or an empty mapping for the "all" row only.
         seed, kind, method, step, task, split: the identifying columns of every row.
 
     Returns:
@@ -103,26 +118,37 @@ def forgetting_rows(
 
     Raises:
         AnalysisError: for arrays of other lengths, an unknown kind, a score named "none",
-            or a score that is NaN for every example, which cannot rank them (EL2N is NaN
-            when it was never computed; leave such a score out).
+            or a score that is NaN for every example. Such a score cannot rank examples
+            (EL2N is NaN when it was never computed), so leave it out.
     """
     if kind not in get_args(Kind):
         raise AnalysisError(
-            f"unknown kind {kind!r}; supported: {', '.join(map(repr, get_args(Kind)))}"
+            f"unknown kind {kind!r}, supported: {', '.join(map(repr, get_args(Kind)))}"
         )
     expert_correct = _as_bool("expert_correct", expert_correct)
     forgotten = forgetting_by_merge(expert_correct, merged_correct)
-    context = {"seed": seed, "kind": kind, "method": method, "step": step, "task": task,
-               "split": split}
+    context = {
+        "seed": seed,
+        "kind": kind,
+        "method": method,
+        "step": step,
+        "task": task,
+        "split": split,
+    }
     rows = [
-        _row(context, score=ALL_EXAMPLES_SCORE, decile=ALL_EXAMPLES_DECILE,
-             retained=expert_correct, forgotten=forgotten)
+        _row(
+            context,
+            score=ALL_EXAMPLES_SCORE,
+            decile=ALL_EXAMPLES_DECILE,
+            retained=expert_correct,
+            forgotten=forgotten,
+        )
     ]
     for name, values in (scores or {}).items():
         if name == ALL_EXAMPLES_SCORE:
             raise AnalysisError(
-                f"score name {ALL_EXAMPLES_SCORE!r} is reserved for the all-examples row; "
-                "rename the score"
+                f"score name {ALL_EXAMPLES_SCORE!r} is reserved for the all-examples row. "
+                "Rename the score"
             )
         values = np.asarray(values, dtype=np.float64)
         if values.shape != expert_correct.shape:
@@ -133,13 +159,18 @@ def forgetting_rows(
         if values.size and np.isnan(values).all():
             raise AnalysisError(
                 f"score {name!r} is NaN for every example of task {task!r}, so it cannot rank "
-                "them; leave it out of scores"
+                "them. Leave it out of scores"
             )
         deciles = difficulty_deciles(values, higher_is_harder=True)
         for decile in range(NUM_DECILES):
             members = deciles == decile
             rows.append(
-                _row(context, score=name, decile=str(decile),
-                     retained=expert_correct & members, forgotten=forgotten & members)
+                _row(
+                    context,
+                    score=name,
+                    decile=str(decile),
+                    retained=expert_correct & members,
+                    forgotten=forgotten & members,
+                )
             )
     return rows

@@ -1,19 +1,19 @@
 """Exact per-example gradient norms of a whole model, with `torch.func`.
 
 Each example's loss is differentiated on its own with `torch.func.grad`, vectorised over
-examples with `torch.func.vmap`, and only the squared norms are kept, so memory holds at
-most `chunk_size` per-example gradients at a time.
+examples with `torch.func.vmap`, and only the squared norms are kept. So at most
+`chunk_size` per-example gradients are in memory at a time.
 
 Padded text batches need one extra step. Hugging Face encoders inspect the attention
-mask's values before attention (transformers 5 skips an all-ones mask for SDPA), and such
-data-dependent control flow cannot run under vmap. So each example is cut to its own
-tokens, and examples of equal length are vectorised together with one shared all-ones
-mask outside vmap. With right padding this gives the same gradients as the padded batch.
+mask's values before attention (transformers 5.25 checks `padding_mask.all()` to skip an
+all-ones mask for SDPA), and such data-dependent control flow cannot run under vmap. So
+each example is cut to its own tokens, and examples of equal length are vectorised
+together with one all-ones mask that is not batched. With right padding this gives the
+same gradients as the padded batch.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
@@ -23,8 +23,6 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from upcycle.analysis.difficulty import AnalysisError
-
-logger = logging.getLogger(__name__)
 
 ParameterSelection = Literal["trainable", "all"]
 LossFunction = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -52,7 +50,7 @@ def output_logits(outputs: Any) -> torch.Tensor:
     if isinstance(logits, torch.Tensor):
         return logits
     raise AnalysisError(
-        f"cannot find logits in a model output of type {type(outputs).__name__}; pass a "
+        f"cannot find logits in a model output of type {type(outputs).__name__}. Pass a "
         "loss_fn that takes this output and the labels"
     )
 
@@ -84,9 +82,10 @@ def per_example_grad_norms(
     zeros). Every entry whose second dimension is T is cut to the example's length.
 
     Args:
-        model: the classifier; `forward` returns logits [B, C] or an output `loss_fn` reads.
+        model: the classifier. Its `forward` returns logits [B, C] or an output that
+            `loss_fn` reads.
         batch: model inputs [B, ...] and labels [B], all on the model's device.
-        loss_fn: loss of one example's outputs and labels [1]; cross-entropy by default.
+        loss_fn: loss of one example's outputs and labels [1], cross-entropy by default.
         chunk_size: examples whose gradients are held in memory at once.
         parameters: "trainable" or "all".
         label_key: the batch entry holding the labels.
@@ -109,7 +108,9 @@ def per_example_grad_norms(
         # vmap removes the batch dimension, so put back a batch of one example.
         model_inputs = {name: value.unsqueeze(0) for name, value in example_inputs.items()}
         model_inputs.update({name: value.unsqueeze(0) for name, value in shared_inputs.items()})
-        outputs = functional_call(model, (weights, constants, buffers), args=(), kwargs=model_inputs)
+        outputs = functional_call(
+            model, (weights, constants, buffers), args=(), kwargs=model_inputs
+        )
         return loss_fn(outputs, label.unsqueeze(0))
 
     example_gradients = vmap(grad(example_loss), in_dims=(None, 0, None, 0))
@@ -135,7 +136,7 @@ def _split_batch(
     """Return the labels [B] and the model inputs, checking that each input is [B, ...]."""
     if label_key not in batch:
         raise AnalysisError(
-            f"batch has no {label_key!r} entry (entries: {sorted(batch)}); pass label_key"
+            f"batch has no {label_key!r} entry (entries: {sorted(batch)}). Pass label_key"
         )
     labels = batch[label_key]
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
@@ -165,12 +166,12 @@ def _select_parameters(
         chosen = set(named)
     else:
         raise AnalysisError(
-            f"unknown parameters {parameters!r}; supported: "
+            f"unknown parameters {parameters!r}, supported: "
             f"{', '.join(repr(value) for value in get_args(ParameterSelection))}"
         )
     if not chosen:
         raise AnalysisError(
-            "the model has no trainable parameter to differentiate; unfreeze some "
+            "the model has no trainable parameter to differentiate. Unfreeze some "
             "parameters or pass parameters='all'"
         )
     differentiated = {name: named[name].detach() for name in named if name in chosen}
@@ -182,7 +183,7 @@ def _chunks(inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk_size: i
     """Yield (positions, per-example inputs, shared inputs) for chunks of at most chunk_size.
 
     Without an attention mask, chunks follow batch order and nothing is shared. With one,
-    each chunk holds examples of one length, cut to that length, and the mask is a shared
+    each chunk contains examples of one length, cut to that length, and the mask is a shared
     all-ones row.
     """
     batch_size = labels.shape[0]
@@ -203,15 +204,16 @@ def _chunks(inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk_size: i
         rows = (~right_padded.all(dim=1)).nonzero().flatten().tolist()
         raise AnalysisError(
             f"batch[{MASK_KEY!r}] must be right-padded (ones, then zeros), but rows {rows[:5]} "
-            "are not; pad on the right (tokenizer.padding_side = 'right')"
+            "are not. Pad on the right (tokenizer.padding_side = 'right')"
         )
     if (lengths == 0).any():
         rows = (lengths == 0).nonzero().flatten().tolist()
         raise AnalysisError(
-            f"batch[{MASK_KEY!r}] rows {rows[:5]} have no tokens; drop empty examples first"
+            f"batch[{MASK_KEY!r}] rows {rows[:5]} have no tokens. Drop empty examples first"
         )
     sequence_keys = [
-        name for name, value in inputs.items()
+        name
+        for name, value in inputs.items()
         if name != MASK_KEY and value.ndim >= 2 and value.shape[1] == width
     ]
     for length in torch.unique(lengths).tolist():

@@ -4,9 +4,10 @@
 
 - ``folder``: ``<task>/train.jsonl``, ``validation.jsonl``, ``test.jsonl`` and ``labels.json``,
   the list of class names whose index is the label id (the layout `build_textsuite` writes);
-- ``jsonl``, ``csv``, ``tsv``: one file per split in a folder; CSV and TSV files start with a
-  header row and follow the quoting rules of Python's `csv` module (``excel`` and
-  ``excel-tab`` dialects, so a field containing the delimiter, a quote or a newline is quoted);
+- ``jsonl``, ``csv``, ``tsv``: one file per split in a folder. CSV and TSV files start with a
+  header row. They follow the quoting rules of Python's `csv` module (the ``excel`` and
+  ``excel-tab`` dialects), so a field that contains the delimiter, a quote or a newline is
+  quoted.
 - ``hf``: a `datasets.DatasetDict` saved with ``save_to_disk``, a folder with one saved
   `datasets.Dataset` per split, a local folder of data files that `datasets.load_dataset`
   reads, or a Hugging Face Hub id.
@@ -65,7 +66,8 @@ class TaskSource(BaseModel):
         None,
         description=(
             "Task folder (folder, jsonl, csv, tsv; default <data root>/<name>) or, for hf, a "
-            "local dataset folder or Hub id. Relative paths resolve against the data root."
+            "local dataset folder or Hub id (default <data root>/<name> if it exists, else "
+            "<name> as a Hub id). Relative paths resolve against the data root."
         ),
     )
     splits: dict[SplitName, str] | None = Field(
@@ -154,8 +156,8 @@ def load_task(
     tasks and splits. A split of N or fewer examples is kept whole.
 
     Raises:
-        DataError: a missing, unreadable or malformed file or dataset, or invalid labels or
-            texts; the message names the file and line, the task and the fix.
+        DataError: a missing, unreadable or malformed file or dataset, or an invalid label
+            or text. The message names the file and line, the task and the fix.
         ConfigError: a negative seed, or a `max_examples` key or value that is invalid.
     """
     limits = _check_limits(max_examples, seed)
@@ -513,39 +515,36 @@ def _read_hf_task(
 
 
 def _open_hf_dataset(source: TaskSource, data_root: Path | None) -> tuple[Mapping[str, Any], str]:
-    """Open a saved DatasetDict, per-split saved Datasets, local data files or a Hub id."""
+    """Open a saved DatasetDict, per-split saved Datasets, local data files or a Hub id.
+
+    Returns the splits by name and the folder or Hub id they came from.
+    """
     import datasets
 
     local = _local_hf_path(source, data_root)
     target = str(local) if local is not None else (source.path or source.name)
+    if local is not None and (local / "state.json").is_file():
+        raise DataError(
+            f"{target} contains one saved Dataset without splits (task '{source.name}'). Save "
+            "a DatasetDict with train, validation and test splits, or one saved Dataset per "
+            "split in subfolders named after the splits."
+        )
     try:
         if local is None:
             return datasets.load_dataset(target, name=source.hf_name), target
         if (local / "dataset_dict.json").is_file():
             return datasets.load_from_disk(target), target
-        if (local / "state.json").is_file():
-            raise DataError(
-                f"{target} holds one saved Dataset without splits (task '{source.name}'). Save a "
-                "DatasetDict with train, validation and test splits, or one saved Dataset per "
-                "split in subfolders named after the splits."
-            )
-        per_split = {
-            name: local / name
-            for name in source.split_names().values()
-            if (local / name / "state.json").is_file()
-        }
-        if per_split:
-            return {name: datasets.load_from_disk(str(path)) for name, path in per_split.items()}, (
-                target
-            )
+        split_names = source.split_names().values()
+        saved = [name for name in split_names if (local / name / "state.json").is_file()]
+        if saved:
+            return {name: datasets.load_from_disk(str(local / name)) for name in saved}, target
         return datasets.load_dataset(target, name=source.hf_name), target
-    except DataError:
-        raise
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
         raise DataError(
-            f"failed to load dataset {target!r} (task '{source.name}'): {error}. Without network "
-            "access, download or save the dataset first and set the task's path to the local "
-            "folder (DatasetDict.save_to_disk, or a folder of train/validation/test data files)."
+            f"failed to load dataset {target!r} (task '{source.name}'): {error}. If the Hub "
+            "cannot be reached or the id is not found there, save the dataset locally "
+            "(DatasetDict.save_to_disk, or a folder of train/validation/test data files) and "
+            "set the task's path to that folder."
         ) from error
 
 

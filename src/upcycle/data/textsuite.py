@@ -5,10 +5,10 @@
 and ``labels.json``, the layout `upcycle.data.load_task` reads with ``format: folder``. A
 ``manifest.json`` lists every task with its class names, split sizes and source.
 
-Where a dataset lacks a validation or test split, the split is cut from the source train split:
-the train indices are shuffled by `stable_rng(seed, "<task>/cut")`, the first examples go to
-the test split, the next to the validation split, and the rest stay in train. Each split keeps
-the source order. The same seed and source data give the same files.
+Where a dataset lacks a validation or test split, the split is cut from the source train
+split. The train indices are shuffled by `stable_rng(seed, "<task>/cut")`. The first examples
+go to the test split, the next to the validation split, and the rest stay in train. Each split
+keeps the source order, and the same seed and source data give the same files.
 
 Run it as ``upcycle data textsuite DIR`` or ``python -m upcycle.data.textsuite DIR``.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +32,16 @@ from upcycle.io import atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
 class TaskRecipe:
-    """How one task of the suite is made from a Hub dataset.
+    """Recipe for one task of the suite: the Hub dataset, its columns and the origin of each split.
 
-    A label in the source is a class name, an integer id into `class_names`, or, when
-    `label_map` is set, a source label name (a string, or the ClassLabel name of an integer)
-    that `label_map` translates to a class name.
+    A source label is a class name or an integer id into `class_names`. When `label_map` is
+    set, a source label is instead a name that `label_map` translates to a class name: a
+    string, or the ClassLabel name of an integer.
     """
 
     name: str
@@ -62,9 +64,9 @@ class TaskRecipe:
     """Hub revision; ``refs/convert/parquet`` reads the Hub's Parquet export of a script dataset."""
 
 
-# NOTE: the hub ids, column names and label names below follow the dataset cards on the Hub;
-# they could not be checked against a live download here, and `convert_task` raises DataError
-# naming the column or label if a card has changed.
+# NOTE: the Hub ids, column names and label names below follow the dataset cards on the Hub.
+# They were not checked against a live download. If a dataset differs, `convert_task` raises
+# DataError naming the missing column or unmapped label.
 RECIPES: tuple[TaskRecipe, ...] = (
     TaskRecipe(
         name="sst2",
@@ -170,8 +172,9 @@ Loader = Callable[[TaskRecipe], Mapping[str, Any]]
 
 
 def load_from_hub(recipe: TaskRecipe) -> Mapping[str, Any]:
-    """Download a recipe's dataset with `datasets.load_dataset`; the only function that needs
-    network access.
+    """Download a recipe's dataset with `datasets.load_dataset`.
+
+    This is the only step of the build that needs network access.
 
     Raises:
         DataError: the dataset cannot be downloaded or read.
@@ -244,8 +247,8 @@ def convert_task(
     """Write one task in the folder format under ``out_dir/<recipe.name>/``.
 
     `dataset_dict` maps source split names to a `datasets.Dataset` or a dict of column lists.
-    Examples whose text is missing or blank are dropped, because the loader rejects them; their
-    count per split is logged and stored in the manifest entry under ``dropped``.
+    Examples whose text is missing or blank are dropped, because the loader rejects them. The
+    number dropped per source split is logged and stored in the manifest entry as ``dropped``.
 
     Returns:
         The task's manifest entry: task, classes, sizes, source and how each split was made.
@@ -257,9 +260,11 @@ def convert_task(
     problem = class_names_problem(list(recipe.class_names))
     if problem is not None:
         raise DataError(f"recipe '{recipe.name}' has invalid class names: {problem}")
+    used = [recipe.train_split, recipe.validation_split, recipe.test_split]
     columns = {
         name: _read_columns(recipe, dataset_dict, name)
-        for name in {recipe.train_split, recipe.validation_split, recipe.test_split} - {None}
+        for name in dict.fromkeys(used)
+        if name is not None
     }
     examples = {name: _to_examples(recipe, name, *columns[name]) for name in columns}
     splits, origins = _assemble_splits(recipe, examples, seed=seed)
@@ -326,6 +331,10 @@ def _to_examples(
             dropped += 1
             continue
         where = f"dataset {recipe.hub_id} split {split_name!r} row {row}"
+        if _SURROGATE.search(text):
+            raise DataError(
+                f"{where}: text contains an unpaired surrogate, which cannot be written as UTF-8"
+            )
         examples.append((text, _class_id(recipe, label, index, source_names, where)))
     if dropped:
         logger.warning(

@@ -60,7 +60,7 @@ def read_config(run_dir: Path) -> tuple[str | None, str]:
     """
     path = run_dir / "config.yaml"
     if not path.is_file():
-        logger.info("no config.yaml in %s; the report shows no config", run_dir)
+        logger.info("no config.yaml in %s, so the report shows no config", run_dir)
         return None, run_dir.name
     text = path.read_text(encoding="utf-8", errors="replace")
     try:

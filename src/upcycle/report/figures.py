@@ -2,7 +2,7 @@
 
 `load_results` reads `RUN/results/*.csv` with the columns listed in
 docs/architecture.md. Accuracies, rates and fractions in those files are
-fractions in [0, 1]; the figures show them in percent. Each figure builder takes
+fractions in [0, 1], and the figures show them in percent. Each figure builder takes
 the loaded tables and returns one `ReportFigure`, or raises `MissingData` when
 the tables it needs are absent or empty, so a run that stopped early still gets
 every figure its files support.
@@ -73,7 +73,7 @@ RESULT_COLUMNS: dict[str, tuple[str, ...]] = {
         "test_accuracy, merges_evaluated"
     ),
 }
-"""Required columns of each result file the report reads; extra columns are ignored."""
+"""Required columns of each result file the report reads. Extra columns are ignored."""
 
 TEXT_COLUMNS = columns(
     "task, split, method, kind, strategy, steps, score, decile, metric, task_a, task_b"
@@ -82,7 +82,7 @@ FRACTION_COLUMNS = columns(
     "accuracy, expert_accuracy, validation_accuracy, test_accuracy, learned_fraction, rate, "
     "compute_fraction"
 )
-"""Columns whose values must lie in [0, 1]; normalized_accuracy may exceed 1."""
+"""Columns whose values must lie in [0, 1]. Normalized accuracy is not one, as it may exceed 1."""
 
 METHOD_LABELS = {
     "average": "weight averaging",
@@ -93,7 +93,11 @@ METHOD_LABELS = {
     "peft_linear": "PEFT linear",
     "peft_ties": "PEFT TIES",
     "peft_dare_linear": "PEFT DARE linear",
+    "peft_dare_ties": "PEFT DARE-TIES",
+    "peft_magnitude_prune": "PEFT magnitude pruning",
     "peft_svd": "PEFT SVD",
+    "peft_ties_svd": "PEFT TIES-SVD",
+    "peft_dare_linear_svd": "PEFT DARE linear SVD",
 }
 KIND_LABELS = {"full": "full fine-tuning", "lora": "LoRA"}
 CONCENTRATION_PANELS = (
@@ -101,10 +105,20 @@ CONCENTRATION_PANELS = (
     ("grad_concentration_top5", "gradient concentration, top 5%"),
     ("grad_concentration_top10", "gradient concentration, top 10%"),
 )
-FORGETTING_SCORES = {
-    "learned_step": "learned step",
-    "el2n": "EL2N",
+FORGETTING_SCORES = {"learned_step": "learned step", "el2n": "EL2N"}
+"""Difficulty scores drawn first, in this order. Other scores in forgetting.csv follow."""
+ALL_EXAMPLES_SCORE = "none"
+INTERFERENCE_PANELS = (
+    ("sign_conflict", "sign-conflict fraction", "coordinates in sign conflict (%)", 100.0),
+    ("mean_cosine", "mean cosine similarity", "cosine similarity of task vectors", 1.0),
+)
+"""(metric, title, y label, scale) of each interference panel."""
+INTERFERENCE_DEFINITIONS = {
+    "sign_conflict": "The sign-conflict fraction is the share of coordinates where one expert "
+    "is positive and another negative.",
+    "mean_cosine": "The mean cosine averages the cosine similarity over pairs of experts.",
 }
+MAX_PAIR_LINES = 10
 
 
 class ReportError(UpcycleError, ValueError):
@@ -112,7 +126,7 @@ class ReportError(UpcycleError, ValueError):
 
 
 class MissingData(Exception):
-    """The tables a figure needs are absent or empty; the message says which."""
+    """A table that a figure needs is absent or empty. The message names it."""
 
 
 def method_label(method: str) -> str:
@@ -130,7 +144,7 @@ def kind_prefix(kind: Kind) -> str:
 
 @dataclass
 class RunResults:
-    """The result tables of one run directory by file name; absent or empty files are left out."""
+    """The result tables of one run directory by file name, without absent or empty files."""
 
     run_dir: Path
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -177,7 +191,7 @@ def read_result(path: Path) -> pd.DataFrame | None:
     missing = [column for column in required if column not in frame.columns]
     if missing:
         raise ReportError(
-            f"result file {path} lacks the columns {missing}; its header must contain "
+            f"result file {path} lacks the columns {missing}. Its header must contain "
             f"{', '.join(required)}. Rerun the stage that writes it with this version of upcycle."
         )
     if frame.empty:
@@ -292,7 +306,7 @@ def merged_curves(merges: pd.DataFrame, value: str = "accuracy") -> pd.DataFrame
 
 
 def best_steps(curves: pd.DataFrame) -> dict[str, BestStep]:
-    """Find each method's best step in `merged_curves` output; a tie keeps the earliest step."""
+    """Find each method's best step in `merged_curves` output. A tie keeps the earliest step."""
     best: dict[str, BestStep] = {}
     for method, rows in curves.groupby("method", sort=False):
         rows = rows.dropna(subset=["mean"]).sort_values("step")
@@ -401,7 +415,7 @@ def scale_phrase(steps: Iterable[float]) -> str:
 class ReportFigure:
     """One drawn figure with the title and caption the page shows beside it.
 
-    `table`, when set, holds display strings that the page shows under the figure.
+    `table`, when set, contains display strings that the page shows under the figure.
     """
 
     title: str
@@ -484,6 +498,7 @@ def merged_accuracy_figure(
                 markeredgecolor="black",
                 linestyle="none",
             )
+
     test = select_coefficients(merges)
     test = test[test["split"] == "test"]
     if value == "accuracy":
@@ -517,10 +532,13 @@ def merged_accuracy_figure(
     )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
+
     tasks = test["task"].nunique()
-    what = "test accuracy" if value == "accuracy" else "normalized test accuracy (merged / expert)"
+    quantity = (
+        "test accuracy" if value == "accuracy" else "normalized test accuracy (merged / expert)"
+    )
     caption = (
-        f"Mean {what} over {tasks} tasks of the model merged from the {KIND_LABELS[kind]} "
+        f"Mean {quantity} over {tasks} tasks of the model merged from the {KIND_LABELS[kind]} "
         f"experts of all tasks at each step, one line per merging method, "
         f"{seeds_phrase(test['seed'].nunique())}. Stars mark each method's best step, the one "
         "with its highest mean test accuracy. "
@@ -540,6 +558,7 @@ def best_method_per_task_figure(results: RunResults, *, kind: Kind) -> ReportFig
     test = test[(test["split"] == "test") & (test["method"] == top.method)]
     tasks = sorted(test["task"].unique())
     colors = colors_for(tasks)
+
     figure = new_figure()
     axes = figure.subplots()
     format_step_axis(axes, test["step"])
@@ -566,6 +585,7 @@ def best_method_per_task_figure(results: RunResults, *, kind: Kind) -> ReportFig
     axes.set_ylabel("test accuracy (%)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", ncols=2)
+
     caption = (
         f"Test accuracy on each task of the {method_label(top.method)} merge of the "
         f"{KIND_LABELS[kind]} experts (solid) and of that task's own expert (dashed), "
@@ -607,6 +627,7 @@ def moe_figure(results: RunResults) -> ReportFigure:
     steps = list(test["step"]) + (list(best_merge[1]["step"]) if best_merge else [])
     top_ks = sorted(test["top_k"].unique())
     colors = colors_for([f"top-{k}" for k in top_ks])
+
     figure = new_figure()
     axes = figure.subplots()
     format_step_axis(axes, steps, ADAPTER_STEP_LABEL)
@@ -620,6 +641,7 @@ def moe_figure(results: RunResults) -> ReportFigure:
             label=f"MoE, {label} routing",
             color=colors[label],
         )
+
     reference = seed_stats(test, ["step"], "expert_accuracy")
     plot_mean_band(
         axes,
@@ -630,6 +652,7 @@ def moe_figure(results: RunResults) -> ReportFigure:
         linestyle="--",
         marker=None,
     )
+
     merge_phrase = ""
     if best_merge is not None:
         method, rows = best_merge
@@ -646,6 +669,7 @@ def moe_figure(results: RunResults) -> ReportFigure:
     axes.set_ylabel("mean test accuracy over tasks (%)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
+
     caption = (
         "Mean test accuracy over tasks of the mixture of experts upcycled from the LoRA "
         "adapters of every task at each step, one line per top-k, "
@@ -662,7 +686,7 @@ def difficulty_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
     """Draw gradient concentration (top 1/5/10%) and learned fraction per task against step."""
     rows = results.kind_rows("difficulty.csv", kind)
     panels = [
-        (column, title, "share of gradient norm (%)")
+        (column, title, "share of summed gradient norm (%)")
         for column, title in CONCENTRATION_PANELS
         if rows[column].notna().any()
     ]
@@ -670,6 +694,7 @@ def difficulty_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
         panels.append(("learned_fraction", "learned fraction", "training examples learned (%)"))
     if not panels:
         raise MissingData(f"results/difficulty.csv has only empty values for kind {kind!r}")
+
     tasks = sorted(rows["task"].unique())
     colors = colors_for(tasks)
     columns = 2 if len(panels) > 1 else 1
@@ -695,13 +720,15 @@ def difficulty_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
     for axes in flat[len(panels) :]:
         axes.set_visible(False)
     flat[0].legend(title="task", fontsize="small")
+
     caption = (
         f"Training dynamics of the {KIND_LABELS[kind]} experts, one line per task, "
         f"{seeds_phrase(rows['seed'].nunique())}: "
         f"{', '.join(title for _column, title, _label in panels)}. Gradient concentration "
-        "(top k%) is the share of the total per-example gradient norm carried by the k% of "
-        "examples with the largest norms; the learned fraction is the share of training "
-        "examples learned so far." + scale_phrase(rows["step"])
+        "(top k%) is the share of the summed per-example head-gradient norms (each example's "
+        "latest) that comes from the k% of examples with the largest norms. The learned "
+        "fraction is the share of training examples whose latest visit was classified "
+        "correctly." + scale_phrase(rows["step"])
     )
     return ReportFigure(
         f"Gradient concentration and learned fraction ({KIND_LABELS[kind]})", caption, figure
@@ -712,7 +739,7 @@ def difficulty_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
 
 
 def pooled_rate(rows: pd.DataFrame) -> pd.DataFrame:
-    """Pool forgotten / n over seeds and tasks per decile; returns columns decile, rate."""
+    """Pool forgotten / n over seeds and tasks per decile into columns decile_number and rate."""
     totals = rows.groupby("decile_number", as_index=False)[["forgotten", "n"]].sum()
     totals = totals[totals["n"] > 0]
     totals["rate"] = totals["forgotten"] / totals["n"]
@@ -722,14 +749,18 @@ def pooled_rate(rows: pd.DataFrame) -> pd.DataFrame:
 def forgetting_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
     """Draw the forgetting rate per difficulty decile, per score, at the final and best steps."""
     rows = results.kind_rows("forgetting.csv", kind)
-    rows = rows[(rows["split"] == "train") & rows["score"].isin(list(FORGETTING_SCORES))]
+    rows = rows[(rows["split"] == "train") & (rows["score"] != ALL_EXAMPLES_SCORE)]
     rows = rows.assign(decile_number=pd.to_numeric(rows["decile"], errors="coerce"))
     rows = rows.dropna(subset=["decile_number"])
     if rows.empty:
         raise MissingData(
             f"results/forgetting.csv has no train-split decile rows for kind {kind!r}"
         )
-    scores = [score for score in FORGETTING_SCORES if (rows["score"] == score).any()]
+
+    # One column of panels per moment: the final step, and each method's best merged step.
+    present = set(rows["score"])
+    scores = [score for score in FORGETTING_SCORES if score in present]
+    scores += sorted(present - set(FORGETTING_SCORES))
     methods = sorted(rows["method"].unique())
     final_steps = {
         method: int(rows.loc[rows["method"] == method, "step"].max()) for method in methods
@@ -748,6 +779,7 @@ def forgetting_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
                     {method: item.best_step for method, item in best.items()},
                 )
             )
+
     colors = colors_for(methods)
     figure = new_figure(GRID_FIGSIZE if len(scores) > 1 else FIGSIZE)
     grid = figure.subplots(len(scores), len(moments), sharey=True, squeeze=False)
@@ -775,18 +807,20 @@ def forgetting_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
                     color=colors[method],
                     label=f"{method_label(method)} (step {step})",
                 )
-            axes.set_title(f"{FORGETTING_SCORES[score]}, {moment}", fontsize="medium")
+            axes.set_title(f"{FORGETTING_SCORES.get(score, score)}, {moment}", fontsize="medium")
             axes.set_xticks(range(10))
             axes.set_xlabel("difficulty decile (0 = easiest, 9 = hardest)")
             axes.set_ylabel("forgotten after merging (%)")
             axes.grid(alpha=0.3)
             if axes.get_legend_handles_labels()[0]:
                 axes.legend(fontsize="x-small")
+
     caption = (
-        f"Forgetting rate after merging the {KIND_LABELS[kind]} experts (forgotten / n in "
-        "results/forgetting.csv, pooled over tasks and seeds) on the training split, by "
-        "difficulty decile of each score, one line per merging method. Columns compare the "
-        "merge of the final checkpoints with the merge at each method's best step."
+        f"Forgetting after merging the {KIND_LABELS[kind]} experts: of the training examples "
+        "each expert classifies correctly, the share that the merged model gets wrong, by "
+        "difficulty decile of each score, one line per merging method, pooled over tasks and "
+        "seeds. Columns compare the merge of the final checkpoints with the merge at each "
+        "method's best step."
     )
     return ReportFigure(f"Forgetting by difficulty ({KIND_LABELS[kind]})", caption, figure)
 
@@ -795,26 +829,52 @@ def forgetting_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
 
 
 def interference_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
-    """Draw each interference metric, averaged over task pairs, against the experts' step."""
+    """Draw the sign-conflict fraction and the mean pairwise cosine against the experts' step.
+
+    The cosine panel also shows each pair of experts as a thin line, up to
+    `MAX_PAIR_LINES` pairs.
+    """
     rows = results.kind_rows("interference.csv", kind).dropna(subset=["value"])
-    if rows.empty:
-        raise MissingData(f"results/interference.csv has no values for kind {kind!r}")
-    metrics = list(dict.fromkeys(rows["metric"]))
+    pairs = rows[rows["metric"] == "cosine"]
+    if not (rows["metric"] == "mean_cosine").any() and not pairs.empty:
+        # Files without the mean row still give it as the mean of the pair rows.
+        mean = pairs.groupby(["seed", "step"], as_index=False)["value"].mean()
+        rows = pd.concat([rows, mean.assign(metric="mean_cosine")], ignore_index=True)
+    panels = [panel for panel in INTERFERENCE_PANELS if (rows["metric"] == panel[0]).any()]
+    if not panels:
+        raise MissingData(
+            f"results/interference.csv has no sign_conflict or cosine rows for kind {kind!r}"
+        )
+
     figure = new_figure()
-    panels = figure.subplots(1, len(metrics), squeeze=False)[0]
-    colors = colors_for(metrics)
-    for axes, metric in zip(panels, metrics, strict=True):
+    grid = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axes, (metric, title, ylabel, scale) in zip(grid, panels, strict=True):
         format_step_axis(axes, rows["step"])
+        if metric == "mean_cosine" and not pairs.empty:
+            pair_stats = seed_stats(pairs, ["task_a", "task_b", "step"], "value")
+            pair_groups = list(pair_stats.groupby(["task_a", "task_b"]))
+            for index, (_pair, pair_rows) in enumerate(pair_groups[:MAX_PAIR_LINES]):
+                axes.plot(
+                    pair_rows["step"],
+                    pair_rows["mean"],
+                    color="grey",
+                    alpha=0.4,
+                    linewidth=0.8,
+                    label="single pairs" if index == 0 else None,
+                )
         stats = seed_stats(rows[rows["metric"] == metric], ["step"], "value")
-        plot_mean_band(axes, stats, x="step", label=metric, color=colors[metric], scale=1.0)
-        name = metric.replace("_", " ")
-        axes.set_title(name, fontsize="medium")
-        axes.set_ylabel(f"{name} (mean over task pairs)")
+        plot_mean_band(axes, stats, x="step", label=title, color="C0", scale=scale)
+        axes.set_title(title, fontsize="medium")
+        axes.set_ylabel(ylabel)
         axes.grid(alpha=0.3)
+        if metric == "mean_cosine" and not pairs.empty:
+            axes.legend(fontsize="small")
+
     caption = (
-        f"Interference between the {KIND_LABELS[kind]} task vectors at each step: "
-        f"{', '.join(metric.replace('_', ' ') for metric in metrics)}, averaged over task pairs, "
-        f"{seeds_phrase(rows['seed'].nunique())}."
+        f"Interference between the {KIND_LABELS[kind]} task vectors of all tasks at each step, "
+        f"{seeds_phrase(rows['seed'].nunique())}: "
+        f"{' and '.join(title for _metric, title, _label, _scale in panels)}. "
+        + " ".join(INTERFERENCE_DEFINITIONS[metric] for metric, *_rest in panels)
         + step_zero_phrase(rows["step"])
         + scale_phrase(rows["step"])
     )
@@ -831,7 +891,7 @@ def selection_table(results: RunResults, kind: Kind) -> pd.DataFrame:
     compute_fraction, validation_accuracy, test_accuracy, merges_evaluated, seeds.
     """
     rows = results.kind_rows("selection.csv", kind)
-    # A strategy that never merges may leave the method empty; keep its rows.
+    # A strategy that never merges may leave the method empty, and its rows still count.
     rows = rows.assign(method=rows["method"].fillna("none"))
     keys = ["strategy", "method"]
     grouped = rows.groupby(keys, sort=False)
@@ -862,6 +922,7 @@ def selection_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
     strategies = list(dict.fromkeys(table["strategy"]))
     methods = list(dict.fromkeys(table["method"]))
     colors = colors_for(methods)
+
     figure = new_figure()
     accuracy_axes, compute_axes = figure.subplots(1, 2)
     width = 0.8 / len(methods)
@@ -890,6 +951,7 @@ def selection_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
     compute_axes.set_ylabel("compute spent (% of the full trajectory)")
     compute_axes.set_ylim(0, 105)
     accuracy_axes.legend(title="merging method", fontsize="small")
+
     caption = (
         f"Test accuracy (left) and fine-tuning compute spent (right) when each stopping strategy "
         f"picks the {KIND_LABELS[kind]} experts' steps, one bar per merging method, "

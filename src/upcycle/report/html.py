@@ -36,7 +36,7 @@ nav ul { columns: 2; }
 class PageFigure:
     """A rendered figure: PNG bytes with their pixel size, title, caption and an optional table.
 
-    `table` holds display strings, one column per header, and is shown under the figure.
+    `table` contains display strings, one column per header, and is shown under the figure.
     """
 
     name: str
@@ -53,7 +53,7 @@ def png_data_uri(png: bytes) -> str:
 
 
 def render_table(table: pd.DataFrame) -> str:
-    """Render a table of display strings; cells that parse as numbers are right-aligned."""
+    """Render a table of display strings. Cells that parse as numbers are right-aligned."""
     header = "".join(f"<th>{escape(str(column))}</th>" for column in table.columns)
     rows = []
     for record in table.itertuples(index=False):

@@ -45,7 +45,7 @@ def find_chromium() -> tuple[str, str]:
     """Return the paths of the Chromium browser and of chromedriver.
 
     Raises:
-        UpcycleError: if either is not on PATH; the message says which packages to install.
+        UpcycleError: if either is not on PATH. The message names the packages to install.
     """
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
@@ -111,11 +111,11 @@ def screenshot(
     html_path = Path(html_path).resolve()
     png_path = Path(png_path)
     if not html_path.is_file():
-        raise UpcycleError(f"page not found: {html_path}; write the report before its screenshot.")
+        raise UpcycleError(f"page not found: {html_path}. Write the report before its screenshot.")
     with chromium_driver(width=width, height=height) as driver:
         driver.get(html_path.as_uri())
         # Headless Chromium still reserves window decorations, so the viewport is
-        # smaller than the window; the screenshot shows only the viewport.
+        # smaller than the window. The screenshot shows only the viewport.
         extra_width, extra_height, page_height = driver.execute_script(
             "return [window.outerWidth - window.innerWidth,"
             " window.outerHeight - window.innerHeight,"

@@ -1,7 +1,7 @@
 """The paragraph that opens the report, computed from the result tables.
 
-Every number in it is a mean over tasks, then over seeds, on the test split,
-and every accuracy is printed in percent with one decimal. A point difference
+Every accuracy in it is a mean over tasks, then over seeds, on the test split,
+printed in percent with one decimal. A point difference
 is computed from unrounded means, so it can differ by 0.1 from the difference
 of the two printed accuracies.
 """
@@ -36,7 +36,7 @@ def percent(fraction: float) -> str:
 
 
 def merge_sentence(results: RunResults, kind: Kind) -> str | None:
-    """Describe the best merging method's best step against the merge of the final checkpoints."""
+    """Return a sentence comparing the best method's best step with its final step, or None."""
     merges = results.get(f"{kind_prefix(kind)}merges.csv")
     if merges is None:
         return None
@@ -65,7 +65,7 @@ def merge_sentence(results: RunResults, kind: Kind) -> str | None:
 
 
 def expert_clause(merges: pd.DataFrame, top: BestStep) -> str:
-    """Describe the experts' own mean test accuracy at the best and the final step."""
+    """Return the clause on the experts' own mean test accuracy at the best and final step."""
     test = select_coefficients(merges)
     test = test[(test["split"] == "test") & (test["method"] == top.method)]
     reference = seed_stats(test, ["step"], "expert_accuracy").set_index("step")["mean"]
@@ -85,7 +85,7 @@ def expert_clause(merges: pd.DataFrame, top: BestStep) -> str:
 
 
 def expert_sentence(results: RunResults, kind: Kind) -> str | None:
-    """Describe the experts' mean test accuracy at the final step and at their best step."""
+    """Return a sentence on the experts' mean test accuracy at the final and best step, or None."""
     experts = results.get(f"{kind_prefix(kind)}experts.csv")
     if experts is None:
         return None
@@ -105,7 +105,7 @@ def expert_sentence(results: RunResults, kind: Kind) -> str | None:
 
 
 def moe_sentence(results: RunResults) -> str | None:
-    """Describe the best mixture of experts over top-k and adapter step."""
+    """Return a sentence on the best mixture of experts over top-k and adapter step, or None."""
     moe = results.get("moe.csv")
     if moe is None:
         return None
@@ -122,7 +122,7 @@ def moe_sentence(results: RunResults) -> str | None:
 
 
 def selection_sentence(results: RunResults, kind: Kind) -> str | None:
-    """Describe the stopping strategy and method with the highest test accuracy."""
+    """Return a sentence on the stopping strategy with the highest test accuracy, or None."""
     try:
         table = selection_table(results, kind)
     except MissingData:
@@ -140,7 +140,7 @@ def selection_sentence(results: RunResults, kind: Kind) -> str | None:
 
 
 def scope_sentence(results: RunResults) -> str | None:
-    """Name the number of tasks and seeds behind the averages."""
+    """Return a sentence with the number of tasks and seeds behind the averages, or None."""
     for name in ("experts.csv", "merges.csv", "lora_experts.csv", "lora_merges.csv", "moe.csv"):
         table = results.get(name)
         if table is not None:

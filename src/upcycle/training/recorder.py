@@ -7,9 +7,9 @@ copied to the host together every `flush_every` batches or when statistics are r
 so recording adds no per-batch device synchronisation and no Python loop over examples.
 
 Every visit (one example in one batch) records the step, the example index, the
-cross-entropy loss, whether the argmax prediction was correct, the margin (true-class
-logit minus the largest other logit) and the norm of that example's gradient with respect
-to the classification head's weight matrix (and bias), computed in closed form.
+cross-entropy loss, whether the argmax prediction was correct, and the margin (true-class
+logit minus the largest other logit). It also records the norm of that example's gradient
+with respect to the classification head's weight matrix and bias, in closed form.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ class Recorder:
     across an interrupted fine-tune.
 
     Args:
-        num_examples: number of training examples N; example indices lie in [0, N).
-        flush_every: batches kept on the device before they are copied to the host; this
+        num_examples: number of training examples N, so example indices lie in [0, N).
+        flush_every: batches kept on the device before they are copied to the host. This
             bounds device memory to about flush_every * batch_size * 24 bytes.
 
     Raises:
@@ -180,7 +180,7 @@ class Recorder:
             indices: [B] training example indices, on any device.
             logits: [B, C] classifier outputs, detached.
             labels: [B] class indices, on the device of `logits`.
-            last_layer_input: [B, D] the head's input; without it the gradient norm is NaN.
+            last_layer_input: [B, D] the head's input. Without it the gradient norm is NaN.
             logit_scale: the scale the head multiplies its logits by.
             last_layer_has_bias: whether the head adds a bias.
 
@@ -210,7 +210,7 @@ class Recorder:
             train_loss: mean loss of the visits after the previous call's step, up to `step`
                 (NaN when there were none).
             learned_fraction: fraction of all N examples whose most recent visit was
-                correct; unvisited examples count as not learned.
+                correct. Unvisited examples count as not learned.
             forgetting_events: total forgetting events of all examples so far.
             grad_concentration_top1, _top5, _top10: share of the summed head gradient
                 norms, each example's most recent one, from the top 1%, 5% and 10% of
@@ -313,23 +313,29 @@ class Recorder:
             CheckpointError: for a state of another version or another number of examples,
                 or with missing or inconsistent entries.
         """
-        expected = {"version", "num_examples", "previous_checkpoint_step", "steps", "indices",
-                    "values"}
+        expected = {
+            "version",
+            "num_examples",
+            "previous_checkpoint_step",
+            "steps",
+            "indices",
+            "values",
+        }
         missing = expected - set(state)
         if missing:
             raise CheckpointError(
-                f"recorder state is missing {sorted(missing)}; delete the training state "
+                f"recorder state is missing {sorted(missing)}. Delete the training state "
                 "file to restart this fine-tune"
             )
         if state["version"] != STATE_VERSION:
             raise CheckpointError(
-                f"recorder state has version {state['version']}, expected {STATE_VERSION}; "
-                "delete the training state file to restart this fine-tune"
+                f"recorder state has version {state['version']}, expected {STATE_VERSION}. "
+                "Delete the training state file to restart this fine-tune"
             )
         if state["num_examples"] != self.num_examples:
             raise CheckpointError(
                 f"recorder state is for {state['num_examples']} training examples, but this "
-                f"task has {self.num_examples}; delete the training state file to restart"
+                f"task has {self.num_examples}. Delete the training state file to restart"
             )
         steps = torch.as_tensor(state["steps"]).cpu().numpy().astype(np.int64)
         indices = torch.as_tensor(state["indices"]).cpu().numpy().astype(np.int64)
@@ -337,13 +343,18 @@ class Recorder:
         if steps.ndim != 1 or steps.shape != indices.shape or values.shape != (len(steps), 4):
             raise CheckpointError(
                 f"recorder state has inconsistent shapes: steps {steps.shape}, indices "
-                f"{indices.shape}, values {values.shape}; delete the training state file"
+                f"{indices.shape}, values {values.shape}. Delete the training state file"
             )
         self._pending_sizes.clear()
         self._pending_indices.clear()
         self._pending_values.clear()
         self._steps, self._indices, self._values = [steps], [indices], [values]
         self._previous_checkpoint_step = int(state["previous_checkpoint_step"])
+        logger.debug(
+            "recorder restored %d visits up to checkpoint step %d",
+            len(steps),
+            self._previous_checkpoint_step,
+        )
 
     def _check_batch(self, step, indices, logits, labels, last_layer_input) -> None:
         """Check shapes only, since reading values would synchronise with the device."""
@@ -364,8 +375,7 @@ class Recorder:
             last_layer_input.ndim != 2 or last_layer_input.shape[0] != batch_size
         ):
             raise AnalysisError(
-                f"last_layer_input must have shape [{batch_size}, D], got "
-                f"{last_layer_input.shape}"
+                f"last_layer_input must have shape [{batch_size}, D], got {last_layer_input.shape}"
             )
 
     def _flush(self) -> None:
