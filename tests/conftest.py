@@ -32,9 +32,9 @@ def make_tiny_model(folder: Path, *, seed: int = 0, hidden_size: int = 32) -> Pa
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(tiny_vocabulary()) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab_file)).save_pretrained(folder)
+    # transformers 5 ignores `vocab_file` in this constructor, so the vocabulary goes in as a dict.
+    vocabulary = {word: index for index, word in enumerate(tiny_vocabulary())}
+    BertTokenizerFast(vocab=vocabulary).save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tiny_vocabulary()), hidden_size=hidden_size, num_hidden_layers=2,

@@ -21,9 +21,45 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="hide progress bars")
 
 
-def _add_run_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN", help="an existing run directory")
+def _add_run_dir(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    if optional:
+        # merge and select also take --experts FILE --out RUN in place of RUN.
+        parser.add_argument("run_dir", metavar="RUN", nargs="?", help="an existing run directory")
+    else:
+        parser.add_argument("run_dir", metavar="RUN", help="an existing run directory")
     _add_common(parser)
+
+
+def _add_executor(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor", choices=["local", "ray"],
+        help="run fine-tuning and merge jobs in this process (local) or as Ray tasks (ray); "
+        "overrides the config's executor key",
+    )
+    parser.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help="connect to this running Ray cluster, e.g. ray://head:10001 or auto, instead "
+        "of starting a local Ray instance; implies --executor ray",
+    )
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--export", metavar="METHOD",
+        help="in place of the sweep, merge the full fine-tuning checkpoints of one step with "
+        "METHOD into the safetensors file --out, reading one tensor at a time",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step to export (with --export)")
+    parser.add_argument("--seed", type=int, help="seed to export (default: the run's first)")
+    parser.add_argument(
+        "--coefficient", type=float,
+        help="scaling coefficient of the export (default: the one the merge stage chose)",
+    )
+    parser.add_argument(
+        "--out", metavar="FILE",
+        help="output safetensors file (with --export), or the run directory to create "
+        "(with --experts)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set training.steps=100 (repeatable)")
     _add_common(run)
+    _add_executor(run)
 
     for name, text in (
         ("finetune", "fine-tune the experts of an existing run directory"),
         ("evaluate", "evaluate the zero-shot model and every stored expert checkpoint"),
         ("merge", "merge the experts at every checkpoint step and evaluate the merges"),
     ):
-        _add_run_dir(commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
+        stage_parser = commands.add_parser(
+            name, help=text, description=text[0].upper() + text[1:] + "."
+        )
+        _add_run_dir(stage_parser, optional=name == "merge")
+        if name in ("finetune", "merge"):
+            _add_executor(stage_parser)
+        if name == "merge":
+            _add_export(stage_parser)
 
     moe = commands.add_parser(
         "moe", help="upcycle the LoRA adapters of a run into MoE layers and train the routers",
@@ -70,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Choose one checkpoint step per task with a stopping rule or merge-aware "
         "search, merge those checkpoints and write results/selection.csv.",
     )
-    _add_run_dir(select)
+    _add_run_dir(select, optional=True)
+    from upcycle.selection.external import add_experts_argument
     from upcycle.selection.stage import add_select_arguments
 
     add_select_arguments(select)
+    add_experts_argument(select)
+    select.add_argument("--out", metavar="RUN", help="run directory to create (with --experts)")
+    add_experts_argument(commands.choices["merge"])
     report = commands.add_parser(
         "report", help="write RUN/report/index.html with the run's figures",
         description="Write RUN/report/index.html, one self-contained page, and the figures "
@@ -132,7 +180,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from upcycle.config import load_config
 
-        config = load_config(args.config, args.overrides)
+        config = apply_executor_options(load_config(args.config, args.overrides), args)
         out = args.out or str(Path("runs") / config.name)
         pipeline.run_all(config, out, data_root=args.data, force=args.force, progress=progress)
         logger.info("run directory: %s (summary in %s)", out, Path(out) / "summary.md")
@@ -142,8 +190,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         build_textsuite(Path(args.out_dir), tasks=args.tasks, seed=args.seed)
         return 0
-    config = load_run_config(args.run_dir)
+    if args.command in ("merge", "select"):
+        from upcycle.selection.external import run_dir_from_arguments
+
+        args.run_dir = run_dir_from_arguments(args)
+    config = apply_executor_options(load_run_config(args.run_dir), args)
     ws = Workspace(config, args.run_dir, data_root=args.data)
+    if args.command == "merge" and args.export is not None:
+        return export_merge(ws, args)
     if args.command == "report":
         pipeline.run_report(ws)
         return 0
@@ -157,6 +211,33 @@ def dispatch(args: argparse.Namespace) -> int:
     }
     stages[args.command]()
     pipeline.run_summary(ws)
+    return 0
+
+
+def apply_executor_options(config, args: argparse.Namespace):
+    """Return `config` with the executor and Ray address of --executor and --ray-address."""
+    executor = getattr(args, "executor", None)
+    address = getattr(args, "ray_address", None)
+    if address is not None:
+        if executor == "local":
+            raise ConfigError("--ray-address needs the ray executor; drop --executor local")
+        executor = "ray"
+        config.ray.address = address
+    if executor is not None:
+        config.executor = executor
+    return config
+
+
+def export_merge(ws, args: argparse.Namespace) -> int:
+    from upcycle.pipeline import export_merge as export
+
+    missing = [option for option, value in (("--step", args.step), ("--out", args.out))
+               if value is None]
+    if missing:
+        raise ConfigError(f"--export needs {' and '.join(missing)}")
+    path = export(ws, method=args.export, step=args.step, out=args.out, seed=args.seed,
+                  coefficient=args.coefficient)
+    logger.info("merged task vector written to %s", path)
     return 0
 
 

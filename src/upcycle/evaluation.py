@@ -1,25 +1,31 @@
 """Tokenized splits and fast evaluation of many encoder weights on many tasks.
 
-Each split is tokenized once. Evaluation sorts examples by length so every
-batch is padded only to its own longest text, runs under `torch.inference_mode`,
-and reuses one encoder object: a merged model is evaluated by writing base plus
-task vector into that object's parameters in place.
+Each split is encoded once (token ids, or preprocessed pixels for image models).
+Evaluation sorts examples by length so every batch is padded only to its own
+longest text, runs under `torch.inference_mode`, and reuses one encoder object:
+a merged model is evaluated by writing base plus task vector into that object's
+parameters in place.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from upcycle.data.images import ImageSplit
 from upcycle.models.encoder import Classifier
 
 logger = logging.getLogger(__name__)
+
+NON_INPUT_KEYS = ("labels", "indices")
+"""Entries of a `collate` batch that are not classifier inputs."""
 
 
 @dataclass
@@ -35,6 +41,12 @@ class TokenizedSplit:
 
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+    def subset(self, indices: np.ndarray | list[int]) -> TokenizedSplit:
+        """Return the examples at `indices` as a new split, in that order."""
+        index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        rows = [self.ids[i] for i in index.tolist()]
+        return TokenizedSplit(ids=rows, labels=self.labels[index], truncated=0)
 
 
 def tokenize_split(tokenizer, texts: list[str], labels: list[int], max_length: int) -> TokenizedSplit:
@@ -52,9 +64,15 @@ def tokenize_split(tokenizer, texts: list[str], labels: list[int], max_length: i
 
 
 def collate(
-    split: TokenizedSplit, indices: np.ndarray | list[int], pad_id: int
+    split: TokenizedSplit | ImageSplit, indices: np.ndarray | list[int], pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """Pad the examples at `indices` to their longest length; returns input_ids, attention_mask, labels."""
+    """Batch the examples at `indices`: the model inputs plus labels [B] and indices [B].
+
+    Token ids are right-padded with `pad_id` to the batch's longest example (input_ids and
+    attention_mask [B, T]); an `ImageSplit` gives pixel_values [B, 3, H, W].
+    """
+    if isinstance(split, ImageSplit):
+        return split.collate(indices)
     rows = [split.ids[i] for i in indices]
     length = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -71,10 +89,53 @@ def collate(
     }
 
 
+def concat_batches(
+    batches: Sequence[Mapping[str, torch.Tensor]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """Stack `collate` batches (of one task each) into one batch, in order.
+
+    Token ids and attention masks are right-padded to the widest batch; every other entry
+    is concatenated along the batch dimension.
+
+    Returns:
+        the batch and the row range [start, stop) of each input batch, in the layout that
+        `ModelFamily.mixture_logits` takes.
+
+    Raises:
+        ValueError: for no batches or batches with different entries.
+    """
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    keys = set(batches[0])
+    for number, batch in enumerate(batches):
+        if set(batch) != keys:
+            raise ValueError(
+                f"batch {number} has entries {sorted(batch)}, batch 0 has {sorted(keys)}; "
+                "stack only batches that collate made from splits of one model family"
+            )
+    pad_values = {"input_ids": pad_id, "attention_mask": 0}
+    merged = {}
+    for key in batches[0]:
+        parts = [batch[key] for batch in batches]
+        if key in pad_values:
+            width = max(part.shape[1] for part in parts)
+            parts = [F.pad(part, (0, width - part.shape[1]), value=pad_values[key]) for part in parts]
+        merged[key] = torch.cat(parts)
+    bounds = np.cumsum([0] + [len(batch["labels"]) for batch in batches]).tolist()
+    return merged, list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Return the entries of a `collate` batch that the classifier takes, moved to `device`."""
+    return {
+        name: value.to(device) for name, value in batch.items() if name not in NON_INPUT_KEYS
+    }
+
+
 @torch.inference_mode()
 def predict(
     classifier: Classifier,
-    split: TokenizedSplit,
+    split: TokenizedSplit | ImageSplit,
     *,
     pad_id: int,
     batch_size: int,
@@ -88,9 +149,7 @@ def predict(
     outputs: list[torch.Tensor] = []
     for start in range(0, len(order), batch_size):
         batch = collate(split, order[start : start + batch_size], pad_id)
-        logits, _ = classifier(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        )
+        logits, _ = classifier(**model_inputs(batch, device))
         logits = logits.float()
         outputs.append((logits.softmax(-1) if return_probabilities else logits.argmax(-1)).cpu())
     classifier.train(was_training)
@@ -101,7 +160,7 @@ def predict(
 
 
 def correct_mask(
-    classifier: Classifier, split: TokenizedSplit, *, pad_id: int, batch_size: int, device
+    classifier: Classifier, split: TokenizedSplit | ImageSplit, *, pad_id: int, batch_size: int, device
 ) -> np.ndarray:
     predictions = predict(classifier, split, pad_id=pad_id, batch_size=batch_size, device=device)
     return predictions == split.labels.numpy()
@@ -149,7 +208,7 @@ class WeightLoader:
 
 def evaluate_tasks(
     classifier_for: Mapping[str, Classifier],
-    splits: Mapping[tuple[str, str], TokenizedSplit],
+    splits: Mapping[tuple[str, str], TokenizedSplit | ImageSplit],
     *,
     pad_id: int,
     batch_size: int,

@@ -58,20 +58,20 @@ def expert_table(ws: Workspace, kind: str) -> pd.DataFrame:
 
 
 def run_finetune(ws: Workspace, *, progress: bool = True) -> None:
+    """Evaluate the zero-shot model, fine-tune every expert with the configured executor, and
+    write the expert and difficulty tables."""
+    from upcycle.executors import finetune_jobs, run_jobs
     from upcycle.io import atomic_write_csv
-    from upcycle.training.finetune import finetune_expert
 
     with stage("zero-shot"):
         if not ws.run.is_complete("zeroshot") and ws.config.model.head == "label-embedding":
             atomic_write_csv(ws.run.root / "zeroshot.csv", zero_shot(ws))
-            ws.run.mark_complete("zeroshot")
+            ws.run.mark_complete("zeroshot", files=[ws.run.root / "zeroshot.csv"])
+    with stage(f"finetune ({ws.config.executor} executor)"):
+        run_jobs(ws, finetune_jobs(ws.config), progress=progress)
     for kind in ws.config.training.methods:
-        with stage(f"finetune {kind}"):
-            for seed in ws.config.seeds:
-                for task in ws.task_names:
-                    finetune_expert(ws, kind=kind, task=task, seed=seed, progress=progress)
-            ws.run.write_result(RESULT_NAMES[kind][0], expert_table(ws, kind))
-            write_difficulty_tables(ws)
+        ws.run.write_result(RESULT_NAMES[kind][0], expert_table(ws, kind))
+    write_difficulty_tables(ws)
 
 
 def write_difficulty_tables(ws: Workspace) -> None:
@@ -95,20 +95,18 @@ def write_difficulty_tables(ws: Workspace) -> None:
 
 
 def run_merge(ws: Workspace) -> None:
-    from upcycle.merging.sweep import collect_merge_tables, merge_step
-    from upcycle.training.finetune import expert_accuracy_frame
+    """Run the merge and evaluation sweep of every checkpoint step with the configured executor,
+    then gather the merge tables."""
+    from upcycle.executors import merge_jobs, run_jobs
+    from upcycle.merging.sweep import collect_merge_tables
 
+    with stage(f"merge ({ws.config.executor} executor)"):
+        run_jobs(ws, merge_jobs(ws.config))
     for kind in ws.config.training.methods:
-        with stage(f"merge {kind}"):
-            accuracy = expert_accuracy_frame(ws, kind)
-            for seed in ws.config.seeds:
-                for step in ws.config.training.resolved_checkpoint_steps():
-                    reference = accuracy[(accuracy["seed"] == seed) & (accuracy["step"] == step)]
-                    merge_step(ws, kind, seed, step, reference)
-            rows, grid = collect_merge_tables(ws, kind)
-            zero = zero_shot_rows(ws)
-            ws.run.write_result(RESULT_NAMES[kind][1], pd.concat([zero, rows], ignore_index=True))
-            ws.run.write_result(RESULT_NAMES[kind][2], grid)
+        rows, grid = collect_merge_tables(ws, kind)
+        zero = zero_shot_rows(ws)
+        ws.run.write_result(RESULT_NAMES[kind][1], pd.concat([zero, rows], ignore_index=True))
+        ws.run.write_result(RESULT_NAMES[kind][2], grid)
 
 
 def zero_shot_rows(ws: Workspace) -> pd.DataFrame:
@@ -178,6 +176,8 @@ def run_summary(ws: Workspace) -> None:
 def run_all(config: RunConfig, run_dir, *, data_root=None, force=False, progress=True) -> Workspace:
     """Run every stage the config enables, resuming whatever is already complete."""
     ws = Workspace(config, run_dir, data_root=data_root)
+    # Bad data fails here, before `prepare` can clear the manifest of a forced rerun.
+    ws.check_train_sizes()
     ws.run.prepare(config, ws.input_files(), force=force)
     run_finetune(ws, progress=progress)
     run_merge(ws)
@@ -201,7 +201,7 @@ def run_evaluate(ws: Workspace) -> None:
     with stage("evaluate"):
         if ws.config.model.head == "label-embedding":
             atomic_write_csv(ws.run.root / "zeroshot.csv", zero_shot(ws))
-            ws.run.mark_complete("zeroshot")
+            ws.run.mark_complete("zeroshot", files=[ws.run.root / "zeroshot.csv"])
         for kind in ws.config.training.methods:
             for seed in ws.config.seeds:
                 for task in ws.task_names:
@@ -219,3 +219,115 @@ def run_evaluate(ws: Workspace) -> None:
                         folder = ws.run.expert_dir(kind, task, seed)
                         atomic_write_csv(folder / "accuracy.csv", pd.DataFrame(rows))
             ws.run.write_result(RESULT_NAMES[kind][0], expert_table(ws, kind))
+
+
+def export_merge(
+    ws: Workspace,
+    *,
+    method: str,
+    step: int,
+    out,
+    seed: int | None = None,
+    coefficient: float | None = None,
+):
+    """Merge the full fine-tuning checkpoints of every task at `step` into one safetensors file.
+
+    The merge streams one tensor at a time from the checkpoint files
+    (`upcycle.merging.merge_safetensors_files`), so the experts are never all in memory.
+    The output is a task vector (merged minus base weights) with the merge's settings in
+    its metadata. `seed` defaults to the run's first seed and also seeds DARE's drop, as in
+    the merge stage. `coefficient` defaults to the one the merge stage chose for this
+    method, seed and step on validation accuracy; the density is the run's
+    `merging.ties_density` or `merging.dare_density`.
+
+    Returns:
+        the path of the written file.
+
+    Raises:
+        ConfigError: for a run without full fine-tuning, a run with linear heads, a seed or
+            step the run does not have, or no coefficient given and none chosen yet.
+        MergeError: for an unknown method or an invalid option.
+        CheckpointError: for a missing or corrupt checkpoint, or experts of different bases.
+    """
+    from pathlib import Path
+
+    from upcycle.errors import CheckpointError, ConfigError
+    from upcycle.io import read_safetensors_metadata
+    from upcycle.merging import merge_safetensors_files
+    from upcycle.merging.methods import resolve_method
+    from upcycle.merging.sweep import method_density
+
+    config = ws.config
+    spec = resolve_method(method)
+    seed = config.seeds[0] if seed is None else seed
+    steps = config.training.resolved_checkpoint_steps()
+    if "full" not in config.training.methods:
+        raise ConfigError(
+            f"run {ws.run.root} has no full fine-tuning checkpoints (training.methods is "
+            f"{config.training.methods}); export merges task vectors of full fine-tuning"
+        )
+    if config.model.head == "linear":
+        # NOTE: the checkpoints also hold each task's head.* tensors, which must not be
+        # merged, and the streamed merge reads every tensor of its files.
+        raise ConfigError(
+            f"run {ws.run.root} uses linear heads, whose per-task head tensors are stored in "
+            "the checkpoints; export supports runs with label-embedding heads only"
+        )
+    if seed not in config.seeds:
+        raise ConfigError(
+            f"seed {seed} is not a seed of run {ws.run.root}; use one of {config.seeds}"
+        )
+    if step not in steps:
+        raise ConfigError(
+            f"step {step} is not a checkpoint step of run {ws.run.root}; use one of {steps}"
+        )
+    if coefficient is None and spec.uses_coefficient:
+        coefficient = chosen_coefficient(ws, method, seed=seed, step=step)
+    elif coefficient is None:
+        coefficient = 1.0
+
+    paths = [ws.run.checkpoint_path("full", task, seed, step) for task in ws.task_names]
+    fingerprints = {
+        path: read_safetensors_metadata(path).get("base_fingerprint") if path.is_file() else None
+        for path in paths
+    }
+    if len(set(fingerprints.values())) > 1:
+        raise CheckpointError(
+            f"the checkpoints at step {step} were fine-tuned from different base models "
+            f"(fingerprints {fingerprints}); merge only experts of one base model"
+        )
+    density = method_density(ws, method)
+    metadata = {
+        "format": "upcycle-task-vector",
+        "method": method,
+        "coefficient": str(coefficient),
+        "density": str(density),
+        "seed": str(seed),
+        "step": str(step),
+        "tasks": ",".join(ws.task_names),
+        "base_model": config.model.base,
+    }
+    fingerprint = next(iter(fingerprints.values()))
+    if fingerprint is not None:
+        metadata["base_fingerprint"] = fingerprint
+    out = Path(out)
+    merge_safetensors_files(
+        paths, out, method, coefficient=coefficient, density=density, seed=seed,
+        names=ws.task_names, metadata=metadata,
+    )
+    return out
+
+
+def chosen_coefficient(ws: Workspace, method: str, *, seed: int, step: int) -> float:
+    """Return the scaling coefficient the merge stage chose for `method` at one seed and step."""
+    from upcycle.errors import ConfigError
+
+    path = ws.run.root / "merges" / "full" / f"seed{seed}" / f"step{step}.csv"
+    rows = pd.read_csv(path) if path.is_file() else pd.DataFrame({"method": []})
+    chosen = rows.loc[rows["method"] == method, "coefficient"]
+    if chosen.empty:
+        raise ConfigError(
+            f"no coefficient chosen yet for {method} at seed {seed} step {step} ({path} has "
+            "no row for it); pass --coefficient, or run `upcycle merge RUN` first"
+        )
+    return float(chosen.iloc[0])

@@ -8,17 +8,26 @@ a run killed at any point resumes by skipping marked units and redoing the rest.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
+from upcycle.config import EXECUTION_KEYS, parse_config
 from upcycle.errors import CheckpointError, ConfigError
-from upcycle.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from upcycle.io import (
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temp_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +43,16 @@ def file_sha256(path: Path) -> str:
 
 
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Return the dotted keys whose values differ between two nested mappings."""
+    """Return the dotted keys whose values differ between two nested mappings.
+
+    A key that only `new` has is not a difference: it is a setting added to upcycle
+    after the run started, filled with its default.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
         keys = []
         for key in sorted(set(old) | set(new)):
+            if key not in old:
+                continue
             keys += diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
         return keys
     return [] if old == new else [prefix.rstrip(".")]
@@ -51,6 +66,7 @@ class RunDir:
         self.results = self.root / "results"
         self.checkpoints = self.root / "checkpoints"
         self.manifest_path = self.root / "manifest.json"
+        self.manifest_lock_path = self.root / "manifest.json.lock"
         self.config_path = self.root / "config.yaml"
 
     # Layout
@@ -78,63 +94,154 @@ class RunDir:
             ) from error
 
     def is_complete(self, key: str) -> bool:
-        return key in self.read_manifest()["completed"]
+        """Return whether unit `key` is marked complete and the files it recorded are intact.
 
-    def mark_complete(self, key: str, info: dict[str, Any] | None = None) -> None:
-        manifest = self.read_manifest()
-        manifest["completed"][key] = info or {}
-        atomic_write_json(self.manifest_path, manifest)
+        A unit whose recorded files are missing or changed since `mark_complete` counts as
+        not complete, so the stage that owns it recomputes it. A warning names the files.
+        """
+        entry = self.read_manifest()["completed"].get(key)
+        if entry is None:
+            return False
+        problems = self.file_problems(entry.get("files", {}))
+        if problems:
+            logger.warning(
+                "%s is marked complete, but %s; recomputing it", key, "; ".join(problems)
+            )
+            return False
+        return True
+
+    def file_problems(self, digests: dict[str, str]) -> list[str]:
+        """Describe each file of `digests` (path relative to the root: SHA-256) that is not intact."""
+        problems = []
+        for name, digest in sorted(digests.items()):
+            path = self.root / name
+            if not path.is_file():
+                problems.append(f"{path} is missing")
+            elif file_sha256(path) != digest:
+                problems.append(f"{path} changed since it was written (corrupt or edited)")
+        return problems
+
+    @contextmanager
+    def manifest_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the manifest while reading, changing and writing it.
+
+        Jobs running in parallel processes (the Ray executor) mark the manifest of one run
+        directory; without the lock, two read-modify-write cycles that overlap drop one
+        entry. The lock is `fcntl.flock` on a file beside the manifest, so it is POSIX only.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.manifest_lock_path, "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def mark_complete(
+        self, key: str, info: dict[str, Any] | None = None, *, files: Iterable[Path] = ()
+    ) -> None:
+        """Mark unit `key` complete, with `info` and the SHA-256 of each of its `files`.
+
+        `is_complete` checks the recorded files again, so list only files that no later
+        stage rewrites.
+        """
+        info = dict(info or {})
+        if files:
+            root = self.root.resolve()
+            info["files"] = {
+                Path(path).resolve().relative_to(root).as_posix(): file_sha256(Path(path))
+                for path in files
+            }
+        with self.manifest_lock():
+            manifest = self.read_manifest()
+            manifest["completed"][key] = info
+            atomic_write_json(self.manifest_path, manifest)
 
     def clear_complete(self, prefix: str) -> None:
-        manifest = self.read_manifest()
-        manifest["completed"] = {
-            key: value for key, value in manifest["completed"].items() if not key.startswith(prefix)
-        }
-        atomic_write_json(self.manifest_path, manifest)
+        with self.manifest_lock():
+            manifest = self.read_manifest()
+            manifest["completed"] = {
+                key: value
+                for key, value in manifest["completed"].items()
+                if not key.startswith(prefix)
+            }
+            atomic_write_json(self.manifest_path, manifest)
 
     # Config and inputs
 
     def prepare(self, config, input_files: list[Path], *, force: bool = False) -> None:
         """Create the run directory or check that an existing one has the same config and data.
 
+        It also removes the temporary files of writes that a killed run left behind, so
+        no other process may write into the run directory meanwhile.
+
         Raises:
-            ConfigError: if the config or an input file changed since the run started and
+            ConfigError: if a config key or an input file changed since the run started and
                 `force` is False. With `force`, the new config is written and every unit
                 is recomputed.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.read_manifest()
-        new_config = config.model_dump(mode="json")
         inputs = {str(path): file_sha256(path) for path in sorted(input_files)}
-        if manifest["config_hash"] is not None and not force:
-            problems = []
-            if manifest["config_hash"] != config.config_hash() and self.config_path.is_file():
-                old_config = yaml.safe_load(self.config_path.read_text())
-                changed = [
-                    key for key in diff_keys(old_config, new_config)
-                    if key.split(".")[0] not in ("name", "executor")
-                ]
-                if changed:
-                    problems.append(f"config keys changed: {', '.join(changed)}")
-            changed_files = [
-                path for path, digest in inputs.items()
-                if manifest["inputs"].get(path, digest) != digest
-            ]
-            if changed_files:
-                problems.append(f"input files changed: {', '.join(changed_files)}")
-            if problems:
-                raise ConfigError(
-                    f"run directory {self.root} was started with other settings ("
-                    + "; ".join(problems)
-                    + "). Use a new run directory, or pass --force to recompute it"
-                )
-        if force and manifest["config_hash"] not in (None, config.config_hash()):
-            logger.warning("--force: recomputing every stage of %s", self.root)
+        problems = []
+        if manifest["config_hash"] is not None:
+            problems = self.changes(manifest, config, inputs)
+        if problems and not force:
+            raise ConfigError(
+                f"run directory {self.root} was started with other settings ("
+                + "; ".join(problems)
+                + "). Use a new run directory, or pass --force to recompute it"
+            )
+        if problems:
+            logger.warning(
+                "--force: %s; recomputing every stage of %s", "; ".join(problems), self.root
+            )
             manifest["completed"] = {}
+        for path in remove_stale_temp_files(self.root):
+            logger.info("removed %s, left behind by a run killed while writing it", path)
         manifest["config_hash"] = config.config_hash()
         manifest["inputs"] = {**manifest.get("inputs", {}), **inputs}
         atomic_write_text(self.config_path, config.to_yaml())
         atomic_write_json(self.manifest_path, manifest)
+
+    def changes(self, manifest: dict[str, Any], config, inputs: dict[str, str]) -> list[str]:
+        """Describe the config keys and input files (path: SHA-256) that differ from the run's."""
+        problems = []
+        if manifest["config_hash"] != config.config_hash():
+            stored = self.stored_config()
+            if stored is None:
+                problems.append(f"the config hash differs and {self.config_path} is missing")
+            else:
+                changed = [
+                    key
+                    for key in diff_keys(stored, config.model_dump(mode="json"))
+                    if key.split(".")[0] not in EXECUTION_KEYS
+                ]
+                if changed:
+                    problems.append(f"config keys changed: {', '.join(changed)}")
+        changed_files = [
+            path
+            for path, digest in inputs.items()
+            if manifest["inputs"].get(path, digest) != digest
+        ]
+        if changed_files:
+            problems.append(f"input files changed: {', '.join(changed_files)}")
+        return problems
+
+    def stored_config(self) -> dict[str, Any] | None:
+        """Return config.yaml as a mapping, or None when it is missing.
+
+        Keys added to upcycle after the run started get their defaults, so only a new key
+        set to another value counts as a change. A config.yaml that the current schema
+        rejects is compared as written.
+        """
+        if not self.config_path.is_file():
+            return None
+        raw = yaml.safe_load(self.config_path.read_text())
+        try:
+            return parse_config(raw, str(self.config_path)).model_dump(mode="json")
+        except ConfigError:
+            return raw
 
     # Results
 

@@ -1,4 +1,4 @@
-"""Everything a stage needs, loaded once: tasks, tokenized splits, base encoder and heads."""
+"""Everything a stage needs, loaded once: tasks, encoded splits, base model and heads."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import torch
 
 from upcycle.config import RunConfig
 from upcycle.data import SPLITS, Task, load_task, resolve_data_root
-from upcycle.errors import ConfigError
-from upcycle.evaluation import TokenizedSplit, WeightLoader, tokenize_split
-from upcycle.models.encoder import (
-    Classifier,
-    LinearHead,
-    build_label_embedding_head,
-    encoder_fingerprint,
-    load_encoder,
+from upcycle.errors import ConfigError, DataError
+from upcycle.evaluation import WeightLoader
+from upcycle.models.encoder import LinearHead, encoder_fingerprint
+from upcycle.models.family import (
+    EncodedSplit,
+    ModelFamily,
+    build_family,
+    class_templates_for,
+    tied_parameter_names,
 )
 from upcycle.store import RunDir
 
@@ -36,6 +37,21 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
     return device
+
+
+def warn_classes_without_examples(task: Task) -> None:
+    """Log a warning for each split of `task` that lacks some of its classes."""
+    for split_name in SPLITS:
+        present = set(task.splits[split_name].labels)
+        missing = [name for i, name in enumerate(task.class_names) if i not in present]
+        if missing:
+            logger.warning(
+                "task %s: the %s split has no examples of classes %s; check its labels "
+                "against the class list",
+                task.name,
+                split_name,
+                missing,
+            )
 
 
 class Workspace:
@@ -63,7 +79,33 @@ class Workspace:
             )
             sizes = ", ".join(f"{s} {len(tasks[source.name].splits[s])}" for s in SPLITS)
             logger.info("task %s: %d classes; %s", source.name, tasks[source.name].num_classes, sizes)
+        prune = self.config.data.prune
+        if prune is not None and prune.run is not None:
+            from upcycle.analysis.pruning import prune_tasks
+
+            tasks = prune_tasks(tasks, self.config.data, input_files=self.input_files())
+        for task in tasks.values():
+            warn_classes_without_examples(task)
         return tasks
+
+    def check_train_sizes(self) -> None:
+        """Check that every task has at least one batch of training examples.
+
+        Raises:
+            DataError: naming each task whose train split is smaller than
+                training.batch_size, with its size and the fix.
+        """
+        batch_size = self.config.training.batch_size
+        sizes = {name: len(task.splits["train"]) for name, task in self.tasks.items()}
+        small = {name: size for name, size in sizes.items() if size < batch_size}
+        if small:
+            listed = ", ".join(f"task '{name}' has {size}" for name, size in small.items())
+            raise DataError(
+                f"train split smaller than one batch: {listed} training examples, fewer than "
+                f"training.batch_size ({batch_size}). Set training.batch_size to at most "
+                f"{min(small.values())}, or give the task more training examples (see also "
+                "data.max_train_examples)"
+            )
 
     def input_files(self) -> list[Path]:
         """Local files the tasks were read from, hashed into the manifest."""
@@ -81,8 +123,17 @@ class Workspace:
         return files
 
     @cached_property
+    def family(self) -> ModelFamily:
+        """The model family's loading, encoding, heads and classifier (model.family)."""
+        templates = {
+            source.name: class_templates_for(source.class_templates, self.config.model)
+            for source in self.config.data.tasks
+        }
+        return build_family(self.config.model, templates)
+
+    @cached_property
     def _encoder_and_tokenizer(self):
-        return load_encoder(self.config.model.base)
+        return self.family.base_model, self.family.tokenizer
 
     @property
     def tokenizer(self):
@@ -93,9 +144,19 @@ class Workspace:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     @cached_property
+    def tied_names(self) -> list[str]:
+        """State names of the base model that repeat a tied tensor; task vectors omit them."""
+        return tied_parameter_names(self._encoder_and_tokenizer[0])
+
+    @cached_property
     def base_state(self) -> dict[str, torch.Tensor]:
         encoder = self._encoder_and_tokenizer[0]
-        return {name: tensor.detach().clone() for name, tensor in encoder.state_dict().items()}
+        tied = set(self.tied_names)
+        return {
+            name: tensor.detach().clone()
+            for name, tensor in encoder.state_dict().items()
+            if name not in tied
+        }
 
     @cached_property
     def fingerprint(self) -> str:
@@ -104,7 +165,8 @@ class Workspace:
     def fresh_encoder(self) -> torch.nn.Module:
         """Return a new copy of the base encoder on the run's device."""
         encoder = copy.deepcopy(self._encoder_and_tokenizer[0])
-        encoder.load_state_dict(self.base_state)
+        # Tied names are left out of base_state; loading their partner sets them too.
+        encoder.load_state_dict(self.base_state, strict=not self.tied_names)
         return encoder.to(self.device)
 
     @cached_property
@@ -117,34 +179,18 @@ class Workspace:
         return WeightLoader(self.eval_encoder, {k: v.to(self.device) for k, v in self.base_state.items()})
 
     @cached_property
-    def tokenized(self) -> dict[tuple[str, str], TokenizedSplit]:
-        out = {}
-        max_length = self.config.model.max_length
-        for name, task in self.tasks.items():
-            for split_name in SPLITS:
-                split = task.splits[split_name]
-                tokenized = tokenize_split(self.tokenizer, split.texts, split.labels, max_length)
-                if tokenized.truncated:
-                    logger.info(
-                        "task %s %s: %d of %d texts truncated to %d tokens",
-                        name, split_name, tokenized.truncated, len(split), max_length,
-                    )
-                out[(name, split_name)] = tokenized
-        return out
+    def tokenized(self) -> dict[tuple[str, str], EncodedSplit]:
+        """Every split encoded once: token ids, or preprocessed pixels for image tasks."""
+        return {
+            (name, split_name): self.family.encode_split(task, split_name)
+            for name, task in self.tasks.items()
+            for split_name in SPLITS
+        }
 
     @cached_property
     def label_heads(self) -> dict[str, torch.nn.Module]:
-        """Frozen label-embedding heads, built once from the base encoder."""
-        model = self.config.model
-        heads = {}
-        encoder = self.fresh_encoder()
-        for name, task in self.tasks.items():
-            heads[name] = build_label_embedding_head(
-                encoder, self.tokenizer, task.class_names,
-                prompt_template=model.prompt_template, pooling=model.pooling,
-                logit_scale=model.logit_scale, max_length=model.max_length, device=self.device,
-            ).to(self.device)
-        return heads
+        """Frozen zero-shot heads built once from the class names, on the run's device."""
+        return self.family.zero_shot_heads(self.tasks, self.device)
 
     def new_head(self, task: str, seed: int) -> torch.nn.Module:
         """Return the head a fine-tune of `task` starts from."""
@@ -152,10 +198,10 @@ class Workspace:
             return self.label_heads[task]
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
-        hidden = self._encoder_and_tokenizer[0].config.hidden_size
-        head = LinearHead(hidden, self.tasks[task].num_classes).to(self.device)
+        head = LinearHead(self.family.feature_size, self.tasks[task].num_classes).to(self.device)
         torch.random.set_rng_state(generator_state)
         return head
 
-    def classifier(self, encoder: torch.nn.Module, head: torch.nn.Module) -> Classifier:
-        return Classifier(encoder, head, self.config.model.pooling)
+    def classifier(self, encoder: torch.nn.Module, head: torch.nn.Module) -> torch.nn.Module:
+        """Return the family's classifier: forward(**inputs) -> (logits [B, C], features [B, D])."""
+        return self.family.classifier(encoder, head)

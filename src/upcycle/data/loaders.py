@@ -10,7 +10,9 @@
   quoted.
 - ``hf``: a `datasets.DatasetDict` saved with ``save_to_disk``, a folder with one saved
   `datasets.Dataset` per split, a local folder of data files that `datasets.load_dataset`
-  reads, or a Hugging Face Hub id.
+  reads, or a Hugging Face Hub id. With ``image_column`` set, the task classifies images.
+- ``images``: ``<task>/train/<class>/<image file>``, likewise ``validation/`` and ``test/``
+  (see `upcycle.data.images`).
 
 A label is an integer id into the class list or a class name. A string label that matches no
 class name is read as a decimal id, so CSV files may hold either. Valid texts are kept exactly,
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from upcycle.data.tasks import SPLITS, Split, Task
 from upcycle.errors import ConfigError, DataError
@@ -42,7 +44,7 @@ from upcycle.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 SplitName = Literal["train", "validation", "test"]
-TaskFormat = Literal["folder", "jsonl", "csv", "tsv", "hf"]
+TaskFormat = Literal["folder", "jsonl", "csv", "tsv", "hf", "images"]
 
 DATA_ENV_VAR = "UPCYCLE_DATA"
 LABELS_FILE = "labels.json"
@@ -87,6 +89,19 @@ class TaskSource(BaseModel):
         ),
     )
     hf_name: str | None = Field(None, description="Dataset config name passed to load_dataset.")
+    image_column: str | None = Field(
+        None,
+        min_length=1,
+        description="Column of an hf dataset holding images; set it for an image task.",
+    )
+    class_templates: list[str] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Templates for this task's class names in zero-shot heads, each with one {} for "
+            "the name; default: model.class_templates."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -116,9 +131,32 @@ class TaskSource(BaseModel):
                 raise ValueError(problem)
         return value
 
+    @field_validator("class_templates")
+    @classmethod
+    def _templates_have_slot(cls, value: list[str] | None) -> list[str] | None:
+        bad = [template for template in value or [] if template.count("{}") != 1]
+        if bad:
+            raise ValueError(f"templates must contain exactly one '{{}}' for the class name: {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _image_column_needs_hf(self) -> TaskSource:
+        if self.image_column is not None and self.format != "hf":
+            raise ValueError(
+                f"image_column is set but format is {self.format!r}: image_column names a column "
+                "of an hf dataset. Use format 'hf', or format 'images' without image_column for "
+                "an image folder"
+            )
+        return self
+
+    @property
+    def is_image_task(self) -> bool:
+        """Whether the task classifies images (format images, or an hf image_column)."""
+        return self.format == "images" or self.image_column is not None
+
     def split_names(self) -> dict[str, str]:
-        """Return the file or dataset split name of each of train, validation and test."""
-        if self.format == "hf":
+        """Return the file, folder or dataset split name of each of train, validation and test."""
+        if self.format in ("hf", "images"):
             names = {split: split for split in SPLITS}
         else:
             extension = FILE_EXTENSIONS[self.format]
@@ -161,6 +199,17 @@ def load_task(
         ConfigError: a negative seed, or a `max_examples` key or value that is invalid.
     """
     limits = _check_limits(max_examples, seed)
+    if source.is_image_task:
+        from upcycle.data.images import read_image_task
+
+        class_names, image_splits = read_image_task(source, data_root)
+        splits = {
+            split: subsample_split(
+                image_splits[split], limits.get(split), seed=seed, key=f"{source.name}/{split}"
+            )
+            for split in SPLITS
+        }
+        return Task(name=source.name, class_names=list(class_names), splits=splits)
     if source.format == "hf":
         class_names, raw_splits, locations = _read_hf_task(source, data_root)
     elif source.format in FILE_EXTENSIONS:
@@ -168,7 +217,7 @@ def load_task(
     else:
         raise DataError(
             f"task '{source.name}' has unsupported format {source.format!r}; supported formats: "
-            f"{sorted([*FILE_EXTENSIONS, 'hf'])}"
+            f"{sorted([*FILE_EXTENSIONS, 'hf', 'images'])}"
         )
 
     splits = {}
@@ -256,7 +305,11 @@ def subsample_split(split: Split, limit: int | None, *, seed: int, key: str) -> 
     if limit is None or len(split) <= limit:
         return split
     chosen = sorted(stable_rng(seed, key).permutation(len(split))[:limit].tolist())
-    return Split(texts=[split.texts[i] for i in chosen], labels=[split.labels[i] for i in chosen])
+    return Split(
+        texts=[split.texts[i] for i in chosen],
+        labels=[split.labels[i] for i in chosen],
+        images=split.images.select(chosen) if split.images is not None else None,
+    )
 
 
 def _encode_split(

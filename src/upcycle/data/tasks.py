@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from upcycle.data.images import ImageList
 
 SPLITS = ("train", "validation", "test")
 
 
 @dataclass
 class Split:
-    """Texts and integer labels of one split, in file order."""
+    """Texts and integer labels of one split, in file order.
+
+    In an image task, `images` holds the split's images, unopened, and each entry of `texts`
+    identifies its image (the file path or dataset row) for messages.
+    """
 
     texts: list[str]
     labels: list[int]
+    images: ImageList | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -20,7 +29,7 @@ class Split:
 
 @dataclass
 class Task:
-    """A text classification task: class names and its train, validation and test splits."""
+    """A classification task of texts or images: class names and its three splits."""
 
     name: str
     class_names: list[str]

@@ -60,9 +60,7 @@ RESULT_COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "difficulty.csv": columns(
         "seed, kind, task, step, train_loss, learned_fraction, forgetting_events, "
-        "grad_concentration_top1, grad_concentration_top5, grad_concentration_top10, "
-        "full_grad_concentration_top1, full_grad_concentration_top5, "
-        "full_grad_concentration_top10"
+        "grad_concentration_top1, grad_concentration_top5, grad_concentration_top10"
     ),
     "forgetting.csv": columns(
         "seed, kind, method, step, task, split, score, decile, n, forgotten, rate"

@@ -10,11 +10,14 @@ killed fine-tune continues from its last checkpoint with identical results.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from upcycle.errors import TrainingError
-from upcycle.evaluation import collate, predict
+from upcycle.errors import CheckpointError, TrainingError
+from upcycle.evaluation import collate, model_inputs, predict
 from upcycle.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_parquet
 from upcycle.workspace import Workspace
 
@@ -126,16 +129,20 @@ def finetune_expert(ws: Workspace, *, kind: str, task: str, seed: int, progress:
     """Fine-tune the expert of `task` for one seed, resuming from its last checkpoint if any.
 
     Writes step<N>.safetensors at each checkpoint step, and at the end accuracy.csv,
-    difficulty.csv and examples.parquet in the expert's folder.
+    difficulty.csv and examples.parquet in the expert's folder. With `training.stopping`,
+    the rule reads each checkpoint's validation accuracy and recorder statistics, and when
+    it stops, that checkpoint is the expert's last: the tables are written as at the end,
+    and the manifest entry records `stopped_step`, `chosen_step` and `checkpoint_steps`.
 
     Raises:
         TrainingError: if the loss becomes NaN or infinite; the last good checkpoint is kept.
     """
     cfg = ws.config.training
     key = expert_key(kind, task, seed)
-    if ws.run.is_complete(key):
+    if expert_is_done(ws, kind, task, seed):
         logger.info("%s: already complete, skipped", key)
         return
+    ws.check_train_sizes()
     out_dir = ws.run.expert_dir(kind, task, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     train = ws.tokenized[(task, "train")]
@@ -170,17 +177,15 @@ def finetune_expert(ws: Workspace, *, kind: str, task: str, seed: int, progress:
 
     state_path = out_dir / STATE_FILE
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        classifier.load_state_dict(state["classifier"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.random.set_rng_state(state["torch_rng"])
-        if recorder is not None and state["recorder"] is not None:
-            recorder.load_state_dict(state["recorder"])
-        outputs = state["outputs"]
-        el2n = state["el2n"]
-        start_step = state["step"] + 1
-        logger.info("%s: resuming after step %d", key, state["step"])
+        last_step, outputs, el2n = load_training_state(
+            state_path, classifier=classifier, optimizer=optimizer, scheduler=scheduler,
+            recorder=recorder,
+        )
+        start_step = last_step + 1
+        logger.info("%s: resuming after step %d", key, last_step)
+    from upcycle.selection.trajectory import OnlineStopping
+
+    stopping = OnlineStopping.from_config(ws, task)
 
     classifier.train()
     head.eval() if not any(p.requires_grad for p in head.parameters()) else head.train()
@@ -192,16 +197,16 @@ def finetune_expert(ws: Workspace, *, kind: str, task: str, seed: int, progress:
     for step in range(start_step, cfg.steps + 1):
         indices = batch_indices(step, num_examples=num_examples, batch_size=cfg.batch_size, seed=seed)
         batch = collate(train, indices, ws.pad_id)
-        input_ids = batch["input_ids"].to(ws.device)
-        attention_mask = batch["attention_mask"].to(ws.device)
+        inputs = model_inputs(batch, ws.device)
         labels = batch["labels"].to(ws.device)
 
-        logits, features = classifier(input_ids, attention_mask)
+        logits, features = classifier(**inputs)
         loss = F.cross_entropy(logits.float(), labels)
         if not torch.isfinite(loss):
             raise TrainingError(
-                f"{key}: loss is {loss.item()} at step {step}; training stopped and the last "
-                "good checkpoint is kept. Lower training.learning_rate or check the data"
+                f"{key}: loss is {loss.item()} at step {step}; training stopped. "
+                f"{kept_checkpoints_note(checkpoint_steps, step)} Lower "
+                "training.learning_rate or check the data"
             )
         loss.backward()
         if cfg.max_grad_norm is not None:
@@ -222,28 +227,166 @@ def finetune_expert(ws: Workspace, *, kind: str, task: str, seed: int, progress:
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
         if step in checkpoint_steps:
+            broken = first_nonfinite_parameter(classifier)
+            if broken is not None:
+                raise TrainingError(
+                    f"{key}: parameter {broken} is NaN or infinite after step {step}; training "
+                    f"stopped. {kept_checkpoints_note(checkpoint_steps, step)} Lower "
+                    "training.learning_rate or set training.max_grad_norm"
+                )
             save_checkpoint(ws, kind, task, seed, step, classifier, recorder, outputs)
-            state = {
-                "step": step,
-                "classifier": {k: v for k, v in classifier.state_dict().items() if _is_trainable(classifier, k)},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.random.get_rng_state(),
-                "recorder": recorder.state_dict() if recorder is not None else None,
-                "outputs": outputs,
-                "el2n": el2n,
-            }
-            import io
-
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            atomic_write_bytes(state_path, buffer.getvalue())
+            if stopping is not None:
+                decision = stopping.check(outputs.accuracy_rows, outputs.difficulty_rows)
+                if decision.stopped_step is not None:
+                    logger.info(
+                        "%s: %r stopped training at step %d; chosen step %d",
+                        key, stopping.rule, step, decision.chosen_step,
+                    )
+                    break
+            save_training_state(
+                state_path, step=step, classifier=classifier, optimizer=optimizer,
+                scheduler=scheduler, recorder=recorder, outputs=outputs, el2n=el2n,
+            )
     bar.close()
 
     write_expert_tables(ws, kind, task, seed, outputs, recorder, el2n)
-    ws.run.mark_complete(key, {"steps": cfg.steps})
+    info = {"steps": cfg.steps}
+    final_step = cfg.steps
+    if stopping is not None:
+        # Replayed over every row, so a fine-tune resumed after its last checkpoint records it too.
+        decision = stopping.check(outputs.accuracy_rows, outputs.difficulty_rows)
+        info.update(stopped_step=decision.stopped_step, chosen_step=decision.chosen_step)
+        if decision.stopped_step is not None:
+            final_step = decision.stopped_step
+    info["checkpoint_steps"] = sorted(step for step in checkpoint_steps if step <= final_step)
+    for step in checkpoint_steps - set(info["checkpoint_steps"]):
+        # A file past the stop would be a leftover of an earlier run of this directory.
+        ws.run.checkpoint_path(kind, task, seed, step).unlink(missing_ok=True)
+    checkpoints = [
+        ws.run.checkpoint_path(kind, task, seed, step) for step in info["checkpoint_steps"]
+    ]
+    ws.run.mark_complete(key, info, files=checkpoints)
     state_path.unlink(missing_ok=True)
     logger.info("%s: fine-tuned in %.1f s", key, time.perf_counter() - started)
+
+
+def expert_files(ws: Workspace, kind: str, task: str, seed: int) -> list[Path]:
+    """Return the files a finished fine-tune leaves in the expert's folder."""
+    # An expert stopped by training.stopping, or imported, records the checkpoints it has.
+    record = ws.run.read_manifest()["completed"].get(expert_key(kind, task, seed), {})
+    steps = record.get("checkpoint_steps", ws.config.training.resolved_checkpoint_steps())
+    files = [ws.run.checkpoint_path(kind, task, seed, step) for step in steps]
+    folder = ws.run.expert_dir(kind, task, seed)
+    files.append(folder / "accuracy.csv")
+    if ws.config.recorder.enabled:
+        files += [folder / "difficulty.csv", folder / "examples.parquet"]
+    return files
+
+
+def expert_is_done(ws: Workspace, kind: str, task: str, seed: int) -> bool:
+    """Return whether the manifest marks the expert complete and all its files are intact.
+
+    Once the manifest marks the expert, its training state file is stale: a run killed
+    right after the marking leaves it behind. It is deleted, so an expert whose files
+    turn out missing or changed (see `RunDir.is_complete`) is fine-tuned again from step 1.
+    """
+    key = expert_key(kind, task, seed)
+    if key not in ws.run.read_manifest()["completed"]:
+        return False
+    (ws.run.expert_dir(kind, task, seed) / STATE_FILE).unlink(missing_ok=True)
+    if not ws.run.is_complete(key):
+        return False
+    missing = [str(path) for path in expert_files(ws, kind, task, seed) if not path.is_file()]
+    if missing:
+        logger.warning(
+            "%s is marked complete, but %s is missing; fine-tuning it again", key, ", ".join(missing)
+        )
+        return False
+    return True
+
+
+def kept_checkpoints_note(checkpoint_steps: set[int], failed_step: int) -> str:
+    """Say which checkpoints a fine-tune that failed at `failed_step` keeps."""
+    saved = [step for step in checkpoint_steps if step < failed_step]
+    if not saved:
+        return "No checkpoint was saved yet."
+    return (
+        f"The checkpoints up to step {max(saved)} are kept, and a rerun resumes after step "
+        f"{max(saved)}."
+    )
+
+
+def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """Return the name of the first trainable parameter with a NaN or infinite entry, if any."""
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and not torch.isfinite(parameter).all():
+            return name
+    return None
+
+
+def save_training_state(
+    path: Path, *, step: int, classifier, optimizer, scheduler, recorder, outputs, el2n
+) -> None:
+    """Write what a fine-tune resumed after `step` needs to continue as if never stopped.
+
+    That is the trainable weights, the optimizer and scheduler state, the torch random
+    number generators (dropout draws from them) and the recorder's history.
+    """
+    state = {
+        "step": step,
+        "classifier": {
+            k: v for k, v in classifier.state_dict().items() if _is_trainable(classifier, k)
+        },
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.random.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "recorder": recorder.state_dict() if recorder is not None else None,
+        "outputs": outputs,
+        "el2n": el2n,
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_training_state(
+    path: Path, *, classifier, optimizer, scheduler, recorder
+) -> tuple[int, ExpertOutputs, np.ndarray]:
+    """Restore a state written by `save_training_state` into the given objects.
+
+    Returns:
+        The step the state was saved after, the accuracy and difficulty rows so far, and
+        the EL2N scores [N] (NaN before they are computed).
+
+    Raises:
+        CheckpointError: for a corrupt state file or one of another model; the message
+            says to delete it, which restarts the fine-tune from step 1.
+    """
+    restart = f"Delete {path} to fine-tune this expert again from step 1"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise CheckpointError(
+            f"training state {path} is corrupt or truncated ({error}). {restart}"
+        ) from error
+    result = classifier.load_state_dict(state["classifier"], strict=False)
+    missing = [name for name in result.missing_keys if _is_trainable(classifier, name)]
+    if result.unexpected_keys or missing:
+        unknown = (result.unexpected_keys or missing)[:3]
+        raise CheckpointError(
+            f"training state {path} does not fit this expert's model (parameters {unknown} "
+            f"are unexpected or missing). {restart}"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.random.set_rng_state(state["torch_rng"])
+    cuda_states = state.get("cuda_rng")
+    if cuda_states is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    if recorder is not None and state["recorder"] is not None:
+        recorder.load_state_dict(state["recorder"])
+    return state["step"], state["outputs"], state["el2n"]
 
 
 def _is_trainable(classifier, name: str) -> bool:
