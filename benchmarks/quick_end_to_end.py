@@ -2,8 +2,8 @@
 
 The run goes into a new temporary run directory, so nothing is resumed, with the
 executor of `--executor` (default: local). Stage times come from the "stage ... finished
-in" log lines of `upcycle.pipeline`. Torch uses every core unless OMP_NUM_THREADS says
-otherwise.
+in" log lines of `upcycle.pipeline`. Torch uses every core unless OMP_NUM_THREADS sets
+another number of threads.
 
 Run: python benchmarks/quick_end_to_end.py [--executor ray] > benchmarks/output/quick_end_to_end.txt
 """

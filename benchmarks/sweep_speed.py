@@ -191,7 +191,7 @@ def compare(upcycle_rows: pd.DataFrame, naive_rows: pd.DataFrame) -> tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=64, help="validation and test size")
+    parser.add_argument("--examples", type=int, default=32, help="validation and test size")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1e-3, help="task vector entry std")
     args = parser.parse_args()
@@ -247,6 +247,14 @@ def main() -> None:
     print(
         f"time in merge_task_vectors, the same merges in both sweeps: median "
         f"{median(MERGE_SECONDS):.1f} s per sweep"
+    )
+    merging = median(MERGE_SECONDS)
+    evaluation_speedup = (median(seconds["naive"]) - merging) / (
+        median(seconds["upcycle"]) - merging
+    )
+    print(
+        f"speed-up of the rest (model loading, tokenization, evaluation), with the naive "
+        f"sweep's merge time subtracted from both: {evaluation_speedup:.2f}x"
     )
     print(f"max |accuracy difference| over every method, task and split: {difference:.4f}")
     print(f"same chosen coefficients: {same_coefficients}")

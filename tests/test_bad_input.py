@@ -1,18 +1,19 @@
 """The bad-input catalogue, each case met the way a user meets it: through `upcycle`.
 
-For every case the command exits with status 2, prints `upcycle: error: ...` naming the
+For every error the command exits with status 2, prints `upcycle: error: ...` naming the
 culprit (file and line, task, tensor or key) on stderr, and leaves every file of an
 existing run directory as it was. The cases:
 
-- task files: a malformed JSON line, a malformed CSV line, an example without a label,
+- Task files: a malformed JSON line, a malformed CSV line, an example without a label,
   a label id outside the class list, an empty or whitespace-only text, a class list of
-  one class; a class without examples is a warning, not an error;
-- config: duplicate task names, a train split smaller than one batch;
-- texts longer than model.max_length are truncated, and the log counts them;
-- fine-tuning: a NaN loss stops the fine-tune and keeps the last good checkpoint, and a
-  rerun resumes from it;
-- checkpoints: a corrupt or truncated safetensors file, one from another base model;
-- a full disk while writing keeps the previous file and leaves no temporary file.
+  one class. A class without examples is a warning, not an error.
+- Config: duplicate task names, a train split smaller than one batch.
+- Texts longer than model.max_length are truncated, and the log counts them.
+- Fine-tuning: a NaN loss stops the fine-tune and keeps the last good checkpoint, and a
+  rerun resumes from it.
+- Checkpoints: a corrupt or truncated safetensors file, and one from another base model.
+  Both are named, and `upcycle run` recomputes them.
+- A full disk while writing keeps the previous file and leaves no temporary file.
 
 Lower-level checks of the loaders and the config live in test_data.py and test_config.py.
 """
@@ -69,6 +70,18 @@ def file_digests(root: Path) -> dict[str, str]:
         for path in sorted(root.rglob("*"))
         if path.is_file()
     }
+
+
+def assert_same_results(run_dir: Path, expected: Path) -> None:
+    """Check every file but the manifest, whose entries record durations, and its units."""
+    actual_files = file_digests(run_dir)
+    expected_files = file_digests(expected)
+    for files in (actual_files, expected_files):
+        del files["manifest.json"]
+    assert actual_files == expected_files
+    units = json.loads((run_dir / "manifest.json").read_text())["completed"]
+    expected_units = json.loads((expected / "manifest.json").read_text())["completed"]
+    assert sorted(units) == sorted(expected_units)
 
 
 def same_config_file(run_dir: Path) -> Path:
@@ -242,7 +255,7 @@ def test_long_texts_truncated_and_counted(capsys, caplog, tiny_model_dir, suite_
 
 
 class NanLossAtCall:
-    """Stands in for torch.nn.functional in the fine-tuning module; one loss becomes NaN."""
+    """Stands in for torch.nn.functional in the fine-tuning module and makes one loss NaN."""
 
     def __init__(self, call: int) -> None:
         self.call = call
@@ -324,7 +337,7 @@ def test_deleted_checkpoint_recomputed(capsys, caplog, finished_run, run_copy):
     code, _ = run_cli(capsys, "run", str(config), "--out", str(run_copy))
     assert code == 0
     assert f"finetune/full/topic/seed0 is marked complete, but {path} is missing" in caplog.text
-    assert file_digests(run_copy) == file_digests(finished_run)
+    assert_same_results(run_copy, finished_run)
 
 
 def test_corrupt_checkpoint_recomputed(capsys, caplog, finished_run, run_copy):
@@ -334,26 +347,54 @@ def test_corrupt_checkpoint_recomputed(capsys, caplog, finished_run, run_copy):
     code, _ = run_cli(capsys, "run", str(config), "--out", str(run_copy))
     assert code == 0
     assert f"{path} changed since it was written" in caplog.text
-    assert file_digests(run_copy) == file_digests(finished_run)
+    assert_same_results(run_copy, finished_run)
 
 
-def test_foreign_checkpoint_named(capsys, tiny_model_dir, tiny_suite, run_copy, tmp_path):
+def replace_with_foreign(run_dir: Path, tmp_path: Path, tiny_suite: Path) -> tuple[Path, Path]:
+    """Give mood's step-3 checkpoint the metadata of another base model; undo merge step 3."""
     other_model = make_tiny_model(tmp_path / "other-bert", seed=1)
     raw = bad_input_config(other_model, tiny_suite)
     other_fingerprint = Workspace(parse_config(raw), tmp_path / "unused").fingerprint
-    path = run_copy / "checkpoints/full/mood/seed0/step3.safetensors"
+    path = run_dir / "checkpoints/full/mood/seed0/step3.safetensors"
     metadata = read_safetensors_metadata(path)
     metadata.update(base_model=str(other_model), base_fingerprint=other_fingerprint)
     atomic_save_safetensors(load_safetensors(path), path, metadata)
-    # The merge of step 3 is undone, as if the run had stopped before it.
-    manifest = json.loads((run_copy / "manifest.json").read_text())
-    del manifest["completed"]["merge/full/seed0/step3"]
-    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(run_dir, lambda completed: completed.pop("merge/full/seed0/step3"))
+    return path, other_model
+
+
+def edit_manifest(run_dir: Path, change) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    change(manifest["completed"])
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_foreign_checkpoint_named(capsys, tiny_suite, run_copy, tmp_path):
+    path, other_model = replace_with_foreign(run_copy, tmp_path, tiny_suite)
+    # Manifests of older versions record no file hashes, so only the metadata check is left.
+    edit_manifest(run_copy, lambda completed: completed["finetune/full/mood/seed0"].pop("files"))
     before = file_digests(run_copy)
     code, err = run_cli(capsys, "merge", str(run_copy))
     assert code == 2
     assert f"checkpoint {path} was fine-tuned from base model '{other_model}'" in err
     assert file_digests(run_copy) == before
+
+
+def test_replaced_checkpoint_blocks_merge(capsys, caplog, tiny_suite, run_copy, tmp_path):
+    path, _ = replace_with_foreign(run_copy, tmp_path, tiny_suite)
+    before = file_digests(run_copy)
+    code, err = run_cli(capsys, "merge", str(run_copy))
+    assert code == 2
+    assert "mood (full, seed 0) are not complete" in err
+    assert f"{path} changed since it was written" in caplog.text
+    assert file_digests(run_copy) == before
+
+
+def test_replaced_checkpoint_recomputed(capsys, finished_run, tiny_suite, run_copy, tmp_path):
+    replace_with_foreign(run_copy, tmp_path, tiny_suite)
+    code, _ = run_cli(capsys, "run", str(same_config_file(run_copy)), "--out", str(run_copy))
+    assert code == 0
+    assert_same_results(run_copy, finished_run)
 
 
 # --- Full disk -------------------------------------------------------------------------------

@@ -187,3 +187,14 @@ def test_other_base_shapes_rejected(tiny_run, tmp_path):
     atomic_save_safetensors({k: torch.zeros_like(v) for k, v in state.items()}, path)
     with pytest.raises(CheckpointError, match=r"foreign.safetensors: tensor .* has shape"):
         load_expert_file(Workspace(config, run_dir), path, kind="full", task="topic", step=1)
+
+
+def test_selection_change_resumes(tiny_run):
+    config, run_dir = tiny_run
+    changed = config.model_copy(deep=True)
+    changed.selection.merge_aware_max_rounds = 1
+    path = run_dir / "checkpoints/full/topic/seed0/step3.safetensors"
+    modified = path.stat().st_mtime_ns
+    run_all(changed, run_dir, progress=False)
+    assert path.stat().st_mtime_ns == modified
+    assert "merge_aware_max_rounds: 1" in (run_dir / "config.yaml").read_text()

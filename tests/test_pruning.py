@@ -166,6 +166,15 @@ def test_mismatched_task_source_named(earlier_run, tmp_path, tiny_suite):
         _ = ws.tasks
 
 
+def test_pruned_earlier_run_rejected(earlier_run, tmp_path, tiny_suite):
+    raw = tiny_config_dict(tmp_path / "model", tiny_suite)
+    raw["data"]["prune"] = {"run": str(tmp_path / "first"), "fraction": 0.2}
+    (earlier_run / "config.yaml").write_text(parse_config(raw).to_yaml())
+    ws = pruned_workspace(tmp_path, tiny_suite, {"run": str(earlier_run), "fraction": 0.1})
+    with pytest.raises(ConfigError, match=r"earlier was itself pruned \(data.prune.fraction 0.2"):
+        _ = ws.tasks
+
+
 def test_task_missing_from_earlier_run(earlier_run, tmp_path, tiny_suite):
     raw = tiny_config_dict(tmp_path / "model", tiny_suite)
     raw["data"]["tasks"] = ["topic", "mood"]

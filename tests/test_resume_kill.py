@@ -33,7 +33,8 @@ from upcycle.training import finetune
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRIGGER_TIMEOUT_S = 120
-"""Upper bound on the wait for a trigger file, so a broken run fails instead of hanging."""
+"""Upper bound on the wait for a trigger file or a run's end, so a broken run fails instead
+of hanging."""
 BOOKKEEPING = {"manifest.json", "manifest.json.lock"}
 """Files that record timings or locks, so they differ between identical runs."""
 
@@ -86,7 +87,12 @@ class RunProcess:
             )
 
     def wait(self) -> int:
-        return self.process.wait(timeout=TRIGGER_TIMEOUT_S)
+        try:
+            return self.process.wait(timeout=TRIGGER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
 
     def kill_when(self, trigger: Callable[[], bool]) -> bool:
         """SIGKILL the run as soon as `trigger()` is true; return False if it ended first."""
@@ -100,10 +106,6 @@ class RunProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
         return True
-
-
-def completed_units(run_dir: Path) -> dict:
-    return json.loads((run_dir / "manifest.json").read_text())["completed"]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,7 @@ def killed_runs(tiny_model_dir, tiny_suite, tmp_path_factory):
         log = root / f"killed-{index}.log"
         notes["reached"][name] = RunProcess(config, killed, log).kill_when(trigger)
         notes["logs"].append(log.read_text())
-        notes["manifest"][name] = completed_units(killed)
+        notes["manifest"][name] = (killed / "manifest.json").read_text()
     log = root / "killed-final.log"
     notes["returncode"] = RunProcess(config, killed, log).wait()
     notes["logs"].append(log.read_text())
@@ -148,21 +150,31 @@ def test_kill_point_reached(killed_runs, point):
     assert notes["reached"][point]
 
 
+def completed_after_kill(notes: dict, point: str) -> dict:
+    return json.loads(notes["manifest"][point])["completed"]
+
+
+def test_manifest_parses_after_kill(killed_runs):
+    _, _, notes = killed_runs
+    for point in notes["manifest"]:
+        assert isinstance(completed_after_kill(notes, point), dict), point
+
+
 def test_kill_mid_finetune_leaves_expert_open(killed_runs):
     _, _, notes = killed_runs
-    completed = notes["manifest"]["finetune"]
+    completed = completed_after_kill(notes, "finetune")
     assert "finetune/full/topic/seed0" in completed
     assert "finetune/full/mood/seed0" not in completed
 
 
 def test_kill_mid_merge_leaves_step_open(killed_runs):
     _, _, notes = killed_runs
-    assert "merge/full/seed0/step40" not in notes["manifest"]["merge"]
+    assert "merge/full/seed0/step40" not in completed_after_kill(notes, "merge")
 
 
 def test_kill_mid_analyze_leaves_step_open(killed_runs):
     _, _, notes = killed_runs
-    assert "analysis/full/seed0/step40" not in notes["manifest"]["analyze"]
+    assert "analysis/full/seed0/step40" not in completed_after_kill(notes, "analyze")
 
 
 def test_restart_resumes_from_checkpoint(killed_runs):
@@ -216,12 +228,6 @@ def test_no_temp_files_left(killed_runs):
     assert sorted(killed.rglob("*.tmp")) == []
 
 
-def test_manifest_parses_after_kill(killed_runs):
-    _, _, notes = killed_runs
-    for point, completed in notes["manifest"].items():
-        assert isinstance(completed, dict), point
-
-
 def test_no_training_state_left(killed_runs):
     _, killed, _ = killed_runs
     assert sorted(killed.rglob(finetune.STATE_FILE)) == []
@@ -232,6 +238,18 @@ def test_no_training_state_left(killed_runs):
 
 class CrashAtStep(Exception):
     """Raised by the patched batch order to stop a fine-tune midway."""
+
+
+def crash_at_step(monkeypatch, crash_step: int) -> None:
+    """Make the fine-tuning loop raise `CrashAtStep` when it reaches `crash_step`."""
+    original = finetune.batch_indices
+
+    def batch_indices(step: int, **options):
+        if step == crash_step:
+            raise CrashAtStep
+        return original(step, **options)
+
+    monkeypatch.setattr(finetune, "batch_indices", batch_indices)
 
 
 def one_task_config(model_dir: Path, suite: Path, *, kind: str, head: str) -> dict:
@@ -262,16 +280,9 @@ def test_interrupted_finetune_matches(
     config = parse_config(one_task_config(tiny_model_dir, tiny_suite, kind=kind, head=head))
     run_all(config, tmp_path / "reference", progress=False)
 
-    original = finetune.batch_indices
-
-    def crash_at_step_9(step, **options):
-        if step == 9:
-            raise CrashAtStep
-        return original(step, **options)
-
     resumed = tmp_path / "resumed"
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "batch_indices", crash_at_step_9)
+        crash_at_step(patch, 9)
         with pytest.raises(CrashAtStep):
             run_all(config, resumed, progress=False)
     expert = f"checkpoints/{kind}/mood/seed0"
@@ -296,15 +307,8 @@ def test_interrupted_el2n_restored(tiny_model_dir, tiny_suite, tmp_path, monkeyp
     config = parse_config(
         one_task_config(tiny_model_dir, tiny_suite, kind="full", head="label-embedding")
     )
-    original = finetune.batch_indices
-
-    def crash_at_step_9(step, **options):
-        if step == 9:
-            raise CrashAtStep
-        return original(step, **options)
-
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "batch_indices", crash_at_step_9)
+        crash_at_step(patch, 9)
         with pytest.raises(CrashAtStep):
             run_all(config, tmp_path, progress=False)
     # EL2N is computed at the first checkpoint (step 5), before the crash, so the resumed

@@ -26,6 +26,10 @@ EXECUTION_KEYS = ("name", "executor", "ray")
 """Top-level keys that may change between runs of one run directory, because they do not
 change results."""
 
+RESTAGED_KEYS = ("selection", "report")
+"""Sections whose stages record the settings they ran with and rerun when they change, so a
+change there does not stop a resumed run."""
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -525,10 +529,12 @@ class RunConfig(Section):
             if isinstance(lora, dict) and "target_modules" not in lora:
                 lora = {**lora, "target_modules": targets}
                 return {**raw, "training": {**training, "lora": lora}}
-        elif isinstance(training, TrainingConfig):
-            if "target_modules" not in training.lora.model_fields_set:
-                lora = training.lora.model_copy(update={"target_modules": targets})
-                return {**raw, "training": training.model_copy(update={"lora": lora})}
+        elif (
+            isinstance(training, TrainingConfig)
+            and "target_modules" not in training.lora.model_fields_set
+        ):
+            lora = training.lora.model_copy(update={"target_modules": targets})
+            return {**raw, "training": training.model_copy(update={"lora": lora})}
         return raw
 
     @model_validator(mode="after")
@@ -550,7 +556,8 @@ class RunConfig(Section):
                 )
         if family == "decoder":
             several = [
-                task.name for task in self.data.tasks
+                task.name
+                for task in self.data.tasks
                 if task.class_templates is not None and len(task.class_templates) > 1
             ]
             if several:

@@ -9,6 +9,7 @@ parameters in place.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def collate(
     """Batch the examples at `indices`: the model inputs plus labels [B] and indices [B].
 
     Token ids are right-padded with `pad_id` to the batch's longest example (input_ids and
-    attention_mask [B, T]); an `ImageSplit` gives pixel_values [B, 3, H, W].
+    attention_mask [B, T]). An `ImageSplit` gives pixel_values [B, 3, H, W].
     """
     if isinstance(split, ImageSplit):
         return split.collate(indices)
@@ -94,8 +95,8 @@ def concat_batches(
 ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
     """Stack `collate` batches (of one task each) into one batch, in order.
 
-    Token ids and attention masks are right-padded to the widest batch; every other entry
-    is concatenated along the batch dimension.
+    Token ids and attention masks are right-padded to the widest batch, and every other
+    entry is concatenated along the batch dimension.
 
     Returns:
         the batch and the row range [start, stop) of each input batch, in the layout that
@@ -119,17 +120,19 @@ def concat_batches(
         parts = [batch[key] for batch in batches]
         if key in pad_values:
             width = max(part.shape[1] for part in parts)
-            parts = [F.pad(part, (0, width - part.shape[1]), value=pad_values[key]) for part in parts]
+            parts = [
+                F.pad(part, (0, width - part.shape[1]), value=pad_values[key]) for part in parts
+            ]
         merged[key] = torch.cat(parts)
     bounds = np.cumsum([0] + [len(batch["labels"]) for batch in batches]).tolist()
-    return merged, list(zip(bounds[:-1], bounds[1:], strict=True))
+    return merged, list(itertools.pairwise(bounds))
 
 
-def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(
+    batch: Mapping[str, torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Return the entries of a `collate` batch that the classifier takes, moved to `device`."""
-    return {
-        name: value.to(device) for name, value in batch.items() if name not in NON_INPUT_KEYS
-    }
+    return {name: value.to(device) for name, value in batch.items() if name not in NON_INPUT_KEYS}
 
 
 @torch.inference_mode()
@@ -160,7 +163,12 @@ def predict(
 
 
 def correct_mask(
-    classifier: Classifier, split: TokenizedSplit | ImageSplit, *, pad_id: int, batch_size: int, device
+    classifier: Classifier,
+    split: TokenizedSplit | ImageSplit,
+    *,
+    pad_id: int,
+    batch_size: int,
+    device,
 ) -> np.ndarray:
     predictions = predict(classifier, split, pad_id=pad_id, batch_size=batch_size, device=device)
     return predictions == split.labels.numpy()

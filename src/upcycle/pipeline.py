@@ -236,8 +236,8 @@ def export_merge(
     (`upcycle.merging.merge_safetensors_files`), so the experts are never all in memory.
     The output is a task vector (merged minus base weights) with the merge's settings in
     its metadata. `seed` defaults to the run's first seed and also seeds DARE's drop, as in
-    the merge stage. `coefficient` defaults to the one the merge stage chose for this
-    method, seed and step on validation accuracy; the density is the run's
+    the merge stage. `coefficient` defaults to the one the merge stage chose on validation
+    accuracy for this method, seed and step. The density is the run's
     `merging.ties_density` or `merging.dare_density`.
 
     Returns:

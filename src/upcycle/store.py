@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from upcycle.config import EXECUTION_KEYS, parse_config
+from upcycle.config import EXECUTION_KEYS, RESTAGED_KEYS, parse_config
 from upcycle.errors import CheckpointError, ConfigError
 from upcycle.io import (
     atomic_write_csv,
@@ -68,6 +68,9 @@ class RunDir:
         self.manifest_path = self.root / "manifest.json"
         self.manifest_lock_path = self.root / "manifest.json.lock"
         self.config_path = self.root / "config.yaml"
+        # path -> (size, mtime_ns, SHA-256), so every stage that checks a unit does not
+        # hash the same checkpoint files again.
+        self._digests: dict[Path, tuple[int, int, str]] = {}
 
     # Layout
 
@@ -105,28 +108,43 @@ class RunDir:
         problems = self.file_problems(entry.get("files", {}))
         if problems:
             logger.warning(
-                "%s is marked complete, but %s; recomputing it", key, "; ".join(problems)
+                "%s is marked complete, but %s, so it counts as not complete",
+                key,
+                "; ".join(problems),
             )
             return False
         return True
 
     def file_problems(self, digests: dict[str, str]) -> list[str]:
-        """Describe each file of `digests` (path relative to the root: SHA-256) that is not intact."""
+        """Describe each file of `digests` that is missing or has another SHA-256.
+
+        `digests` maps paths relative to the run directory to SHA-256 hex digests.
+        """
         problems = []
         for name, digest in sorted(digests.items()):
             path = self.root / name
             if not path.is_file():
                 problems.append(f"{path} is missing")
-            elif file_sha256(path) != digest:
+            elif self.cached_sha256(path) != digest:
                 problems.append(f"{path} changed since it was written (corrupt or edited)")
         return problems
+
+    def cached_sha256(self, path: Path) -> str:
+        """Return the SHA-256 of `path`, hashing it again only if its size or mtime changed."""
+        stat = path.stat()
+        cached = self._digests.get(path)
+        if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+            return cached[2]
+        digest = file_sha256(path)
+        self._digests[path] = (stat.st_size, stat.st_mtime_ns, digest)
+        return digest
 
     @contextmanager
     def manifest_lock(self) -> Iterator[None]:
         """Hold an exclusive lock on the manifest while reading, changing and writing it.
 
         Jobs running in parallel processes (the Ray executor) mark the manifest of one run
-        directory; without the lock, two read-modify-write cycles that overlap drop one
+        directory. Without the lock, two read-modify-write cycles that overlap drop one
         entry. The lock is `fcntl.flock` on a file beside the manifest, so it is POSIX only.
         """
         self.root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +167,7 @@ class RunDir:
         if files:
             root = self.root.resolve()
             info["files"] = {
-                Path(path).resolve().relative_to(root).as_posix(): file_sha256(Path(path))
+                Path(path).resolve().relative_to(root).as_posix(): self.cached_sha256(Path(path))
                 for path in files
             }
         with self.manifest_lock():
@@ -215,7 +233,7 @@ class RunDir:
                 changed = [
                     key
                     for key in diff_keys(stored, config.model_dump(mode="json"))
-                    if key.split(".")[0] not in EXECUTION_KEYS
+                    if key.split(".")[0] not in EXECUTION_KEYS + RESTAGED_KEYS
                 ]
                 if changed:
                     problems.append(f"config keys changed: {', '.join(changed)}")

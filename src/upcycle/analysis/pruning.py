@@ -91,6 +91,12 @@ def check_same_data(current: DataConfig, earlier: DataConfig, *, run: str | Path
             problems.append(
                 f"data.{key} is {current_value!r} in this config but {earlier_value!r} in {run}"
             )
+    if earlier.prune is not None and earlier.prune.run is not None and earlier.prune.fraction > 0:
+        # Its indices then refer to its own pruned training splits.
+        problems.append(
+            f"{run} was itself pruned (data.prune.fraction {earlier.prune.fraction} with scores "
+            f"from {earlier.prune.run})"
+        )
     earlier_sources = {source.name: source for source in earlier.tasks}
     for source in current.tasks:
         previous = earlier_sources.get(source.name)

@@ -7,7 +7,7 @@ Two layouts hold image tasks:
   task's ``labels``, else ``labels.json`` in the task folder, else the sorted subfolder names
   of ``train/``.
 - ``hf`` with ``image_column`` set: a Hugging Face dataset (Hub id or local folder, as for
-  text tasks) whose image column holds `datasets.Image` values.
+  text tasks) whose image column contains `datasets.Image` values.
 
 An image split keeps its images unopened: a `Split` of an image task has `images`, an
 `ImageList` that decodes an image when it is read, and `texts` holding one identifier per
@@ -106,7 +106,8 @@ class ImageList(Sequence):
         rows = [self.rows[i] for i in positions]
         values = self.dataset[rows][self.column]
         return [
-            _as_rgb_image(value, self.describe(i)) for i, value in zip(positions, values, strict=True)
+            _as_rgb_image(value, self.describe(i))
+            for i, value in zip(positions, values, strict=True)
         ]
 
 
@@ -118,7 +119,7 @@ def _open_image_file(path: Path):
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as error:
         raise DataError(
-            f"cannot read image {path}: {error}. Replace or remove the file."
+            f"failed to read image {path}: {error}. Replace or remove the file."
         ) from error
 
 
@@ -139,7 +140,7 @@ def _as_rgb_image(value: Any, where: str):
                     return image.convert("RGB")
             return _open_image_file(Path(value["path"]))
         except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"{where}: the image cannot be decoded: {error}") from error
+            raise DataError(f"{where}: failed to decode the image: {error}") from error
     raise DataError(
         f"{where}: expected an image (a datasets.Image value, a PIL image or an array), got "
         f"{type(value).__name__}. Set image_column to the column that holds the images."
@@ -240,18 +241,18 @@ def _class_folder_files(
 
 
 def _read_hf_image_task(source, data_root: Path | None) -> tuple[list[str], dict[str, Split]]:
-    from upcycle.data.loaders import _Example, _hf_class_names, _label_id, _open_hf_dataset
+    from upcycle.data.loaders import (
+        _Example,
+        _hf_class_names,
+        _label_id,
+        _open_hf_dataset,
+        select_hf_split,
+    )
 
     dataset, origin = _open_hf_dataset(source, data_root)
     parts = {}
     for split, split_name in source.split_names().items():
-        if split_name not in dataset:
-            raise DataError(
-                f"dataset {origin} has no split {split_name!r} (task '{source.name}'); available "
-                f"splits: {sorted(dataset)}. Map the {split} split with `splits: {{{split}: "
-                "NAME}` in the task entry."
-            )
-        part = dataset[split_name]
+        part = select_hf_split(dataset, split_name, origin=origin, task=source.name, split=split)
         for column in (source.image_column, source.label_column):
             if column not in part.column_names:
                 raise DataError(
@@ -272,8 +273,9 @@ def _read_hf_image_task(source, data_root: Path | None) -> tuple[list[str], dict
                 "split at another dataset split with `splits` in the task entry."
             )
         labels = [
-            _label_id(_Example(None, value, f"dataset {where} row {row}"), index, class_names,
-                      source.name)
+            _label_id(
+                _Example(None, value, f"dataset {where} row {row}"), index, class_names, source.name
+            )
             for row, value in enumerate(part[source.label_column])
         ]
         images = ImageList(
@@ -328,7 +330,10 @@ class ImageSplit:
         """Return the examples at `indices` as a new split, in that order."""
         index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return ImageSplit(
-            self.pixels[index], self.labels[index], self.rescale_factor, self.image_mean,
+            self.pixels[index],
+            self.labels[index],
+            self.rescale_factor,
+            self.image_mean,
             self.image_std,
         )
 
@@ -354,9 +359,7 @@ def encode_images(
     for start in range(0, len(split.images), batch_size):
         positions = range(start, min(start + batch_size, len(split.images)))
         images = split.images.read(positions)
-        output = processor(
-            images=images, do_rescale=False, do_normalize=False, return_tensors="pt"
-        )
+        output = processor(images=images, do_rescale=False, do_normalize=False, return_tensors="pt")
         chunks.append(torch.as_tensor(output["pixel_values"]))
     pixels = torch.cat(chunks)
     whole = pixels.dtype == torch.uint8 or bool(
@@ -371,7 +374,11 @@ def encode_images(
         std = torch.tensor(processor.image_std, dtype=torch.float32).view(-1, 1, 1)
     logger.info(
         "task %s %s: %d images preprocessed to %s %s",
-        task, split_name, len(pixels), tuple(pixels.shape[1:]), pixels.dtype,
+        task,
+        split_name,
+        len(pixels),
+        tuple(pixels.shape[1:]),
+        pixels.dtype,
     )
     return ImageSplit(
         pixels=pixels,
@@ -380,4 +387,3 @@ def encode_images(
         image_mean=mean,
         image_std=std,
     )
-

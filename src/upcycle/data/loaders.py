@@ -53,6 +53,7 @@ FILE_EXTENSIONS: dict[str, str] = {"folder": "jsonl", "jsonl": "jsonl", "csv": "
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _DECIMAL_ID = re.compile(r"-?[0-9]{1,18}")
+_HF_SLICE = re.compile(r"(?P<split>[^\[\]]+)\[(?P<start>-?[0-9]+%?)?:(?P<stop>-?[0-9]+%?)?\]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_SHOWN = 80
 
@@ -75,8 +76,9 @@ class TaskSource(BaseModel):
     splits: dict[SplitName, str] | None = Field(
         None,
         description=(
-            "File name of each split (default train.<ext>, validation.<ext>, test.<ext>) or, "
-            "for hf, the dataset split name (default train, validation, test)."
+            "File name of each split (default train.<ext>, validation.<ext>, test.<ext>); for "
+            "hf, the dataset split name or a slice of one such as train[90%:] (default train, "
+            "validation, test); for images, the split folder (default train, validation, test)."
         ),
     )
     text_column: str = Field("text", min_length=1)
@@ -92,7 +94,7 @@ class TaskSource(BaseModel):
     image_column: str | None = Field(
         None,
         min_length=1,
-        description="Column of an hf dataset holding images; set it for an image task.",
+        description="Column of an hf dataset that contains the images of an image task.",
     )
     class_templates: list[str] | None = Field(
         None,
@@ -539,13 +541,7 @@ def _read_hf_task(
     split_names = source.split_names()
     raw_splits, locations, parts = {}, {}, {}
     for split, split_name in split_names.items():
-        if split_name not in dataset:
-            raise DataError(
-                f"dataset {origin} has no split {split_name!r} (task '{source.name}'); available "
-                f"splits: {sorted(dataset)}. Map the {split} split with `splits: {{{split}: "
-                "NAME}` in the task entry."
-            )
-        part = dataset[split_name]
+        part = select_hf_split(dataset, split_name, origin=origin, task=source.name, split=split)
         for column in (source.text_column, source.label_column):
             if column not in part.column_names:
                 raise DataError(
@@ -587,7 +583,7 @@ def _open_hf_dataset(source: TaskSource, data_root: Path | None) -> tuple[Mappin
             return datasets.load_dataset(target, name=source.hf_name), target
         if (local / "dataset_dict.json").is_file():
             return datasets.load_from_disk(target), target
-        split_names = source.split_names().values()
+        split_names = {parse_hf_split(name)[0] for name in source.split_names().values()}
         saved = [name for name in split_names if (local / name / "state.json").is_file()]
         if saved:
             return {name: datasets.load_from_disk(str(local / name)) for name in saved}, target
@@ -599,6 +595,52 @@ def _open_hf_dataset(source: TaskSource, data_root: Path | None) -> tuple[Mappin
             "(DatasetDict.save_to_disk, or a folder of train/validation/test data files) and "
             "set the task's path to that folder."
         ) from error
+
+
+def parse_hf_split(name: str) -> tuple[str, str | None, str | None]:
+    """Split a name such as ``train[:90%]`` into ("train", None, "90%").
+
+    A name without brackets is returned with bounds None.
+    """
+    match = _HF_SLICE.fullmatch(name)
+    if match is None:
+        return name, None, None
+    return match["split"], match["start"], match["stop"]
+
+
+def select_hf_split(
+    dataset: Mapping[str, Any], split_name: str, *, origin: str, task: str, split: str
+) -> Any:
+    """Return the rows of `dataset` that a split name or slice such as ``train[90%:]`` selects.
+
+    Bounds are row numbers or percentages of the split's rows, and may be negative as in
+    Python slices. A percentage is rounded to the nearest row, as `datasets` rounds split
+    slices by default, so ``train[:90%]`` and ``train[90%:]`` never overlap.
+
+    Raises:
+        DataError: the dataset has no split of that name.
+    """
+    name, start, stop = parse_hf_split(split_name)
+    if name not in dataset:
+        raise DataError(
+            f"dataset {origin} has no split {name!r} (task '{task}'); available splits: "
+            f"{sorted(dataset)}. Map the {split} split with `splits: {{{split}: NAME}}` in the "
+            "task entry, where NAME is a split or a slice of one such as train[90%:]."
+        )
+    part = dataset[name]
+    if name == split_name:
+        return part
+    size = len(part)
+    rows = range(size)[slice(_slice_bound(start, size), _slice_bound(stop, size))]
+    return part.select(rows)
+
+
+def _slice_bound(bound: str | None, size: int) -> int | None:
+    if bound is None:
+        return None
+    if bound.endswith("%"):
+        return round(size * int(bound[:-1]) / 100)
+    return int(bound)
 
 
 def _local_hf_path(source: TaskSource, data_root: Path | None) -> Path | None:

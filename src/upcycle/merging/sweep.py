@@ -375,9 +375,10 @@ def merge_step(ws: Workspace, kind: str, seed: int, step: int, expert_accuracy: 
             np.mean([correct.mean() for correct in test.values()]),
         )
     folder = ws.run.root / "merges" / kind / f"seed{seed}"
-    atomic_write_csv(folder / f"step{step}.csv", pd.DataFrame(rows))
-    atomic_write_csv(folder / f"step{step}_grid.csv", pd.DataFrame(grid_rows))
-    ws.run.mark_complete(key, {"seconds": round(time.perf_counter() - started, 1)})
+    tables = [folder / f"step{step}.csv", folder / f"step{step}_grid.csv"]
+    atomic_write_csv(tables[0], pd.DataFrame(rows))
+    atomic_write_csv(tables[1], pd.DataFrame(grid_rows))
+    ws.run.mark_complete(key, {"seconds": round(time.perf_counter() - started, 1)}, files=tables)
 
 
 def collect_merge_tables(ws: Workspace, kind: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -54,8 +54,8 @@ def load_clip(name: str) -> tuple[nn.Module, Any, Any]:
 def vision_tower(clip: nn.Module) -> nn.Module:
     """Return a `CLIPVisionModelWithProjection` that shares the image tower of `clip`.
 
-    The new module's projection width is the CLIP model's ``projection_dim``; the vision
-    config's own ``projection_dim`` may differ from it in saved CLIP configs.
+    The new module's projection width is the CLIP model's ``projection_dim``, because the
+    vision config's own ``projection_dim`` may differ from it in saved CLIP configs.
     """
     from transformers import CLIPVisionModelWithProjection
 
@@ -72,7 +72,7 @@ def vision_tower(clip: nn.Module) -> nn.Module:
 def clip_text_embeddings(
     clip: nn.Module, tokenizer, texts: Sequence[str], *, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
-    """Embed texts with the text tower and text projection; returns [N, P] float32 on the CPU."""
+    """Embed texts with the text tower and text projection into [N, P] float32 on the CPU."""
     text_model = clip.text_model.to(device)
     projection = clip.text_projection.to(device)
     max_length = clip.config.text_config.max_position_embeddings
@@ -102,7 +102,7 @@ def zero_shot_class_embeddings(
 ) -> torch.Tensor:
     """Return the zero-shot class embeddings [C, P], L2-normalised.
 
-    Each class name is put into every template; the prompt embeddings are normalised,
+    Each class name is put into every template. The prompt embeddings are normalised,
     averaged over templates, and normalised again.
     """
     prompts = [template.format(name) for name in class_names for template in templates]
@@ -113,14 +113,14 @@ def zero_shot_class_embeddings(
 
 
 def clip_logit_scale(clip: nn.Module, setting: float | str) -> float:
-    """Return the head's logit scale: CLIP's learned exp(logit_scale) for 'model', else `setting`."""
+    """Return the head's logit scale: exp(clip.logit_scale) for 'model', else `setting`."""
     if setting == "model":
         return float(clip.logit_scale.detach().exp())
     return float(setting)
 
 
 class ImageClassifier(nn.Module):
-    """Image tower and head; `forward` returns logits [B, C] and the head's input [B, P]."""
+    """Image tower and head. `forward` returns logits [B, C] and the head's input [B, P]."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class ClipFamily(ModelFamily):
 
     @property
     def clip_model(self) -> nn.Module:
-        """The whole `CLIPModel`; its image tower is shared with `base_model`."""
+        """The whole `CLIPModel`, whose image tower `base_model` shares."""
         return self._parts[0]
 
     @property
@@ -161,7 +161,9 @@ class ClipFamily(ModelFamily):
         return self.clip_model.config.projection_dim
 
     def encode_split(self, task: Task, split: str) -> ImageSplit:
-        return encode_images(self.image_processor, task.splits[split], task=task.name, split_name=split)
+        return encode_images(
+            self.image_processor, task.splits[split], task=task.name, split_name=split
+        )
 
     def zero_shot_heads(
         self, tasks: Mapping[str, Task], device: torch.device
@@ -170,7 +172,10 @@ class ClipFamily(ModelFamily):
         heads = {}
         for name, task in tasks.items():
             embeddings = zero_shot_class_embeddings(
-                self.clip_model, self.tokenizer, task.class_names, self.templates(name),
+                self.clip_model,
+                self.tokenizer,
+                task.class_names,
+                self.templates(name),
                 device=device,
             )
             heads[name] = LabelEmbeddingHead(embeddings, scale).to(device)

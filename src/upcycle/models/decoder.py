@@ -11,8 +11,8 @@ batch is the prompt followed by the class block, the tokens of every class name 
 another (the same block for every example of a task, appended when the split is encoded).
 A 4-D attention mask lets each class name's tokens attend to the prompt and to the earlier
 tokens of the same name only, and their position ids continue from the end of the prompt.
-So every class name sees exactly the context it would see alone after the prompt, and the
-prompt is run once instead of C times. The rows are ordinary right-padded token ids with a
+So the hidden states of each class name equal those of a separate pass over prompt + name,
+and the prompt is run once instead of C times. The rows are ordinary right-padded token ids with a
 2-D attention mask, so batching, per-example gradients and the MoE router's token mask
 treat them like any text batch.
 
@@ -99,8 +99,9 @@ def class_block(tokenizer, class_names: Sequence[str], template: str) -> ClassBl
         ids += tokens
         classes += [index] * len(tokens)
         offsets += range(len(tokens))
-    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return ClassBlock(as_long(ids), as_long(classes), as_long(offsets))
+    return ClassBlock(
+        *(torch.tensor(values, dtype=torch.long) for values in (ids, classes, offsets))
+    )
 
 
 def encode_prompts(
@@ -135,8 +136,8 @@ def encode_prompts(
     for tokens in encoded:
         if len(tokens) > max_length:
             truncated += 1
-            # NOTE: the end is the template end tokenized alone; a BPE merge across the cut
-            # can make its last `suffix_length` tokens in context differ slightly.
+            # NOTE: the end is the template end tokenized alone, so a BPE merge across the
+            # cut can make the kept end differ slightly from the template end in context.
             end = tokens[len(tokens) - suffix_length :] if suffix_length else []
             tokens = tokens[: max_length - suffix_length] + end
         ids.append(torch.tensor(tokens + tail, dtype=torch.long))
@@ -194,13 +195,13 @@ def packed_attention(
     Args:
         attention_mask: [B, T] right-padded mask of rows that end with the class block.
         scorer: the head holding the block.
-        dtype: dtype of the model's hidden states; the mask has it too.
+        dtype: dtype of the model's hidden states, which the mask takes too.
 
     Returns:
         mask [B, 1, T, T] (0 where a query may attend, the dtype's minimum elsewhere),
         position_ids [B, T], and the prompt lengths [B].
     """
-    batch, width = attention_mask.shape
+    width = attention_mask.shape[1]
     device = attention_mask.device
     block_length = scorer.block_length
     prompt_lengths = attention_mask.sum(dim=1) - block_length
@@ -356,14 +357,21 @@ class DecoderFamily(ModelFamily):
         data = task.splits[split]
         scored = self.config.head == "label-embedding"
         encoded = encode_prompts(
-            self.tokenizer, data.texts, data.labels,
-            input_template=self.config.input_template, max_length=self.config.max_length,
+            self.tokenizer,
+            data.texts,
+            data.labels,
+            input_template=self.config.input_template,
+            max_length=self.config.max_length,
             block=self.class_block(task) if scored else None,
         )
         if encoded.truncated:
             logger.info(
                 "task %s %s: %d of %d prompts truncated to %d tokens",
-                task.name, split, encoded.truncated, len(data), self.config.max_length,
+                task.name,
+                split,
+                encoded.truncated,
+                len(data),
+                self.config.max_length,
             )
         return encoded
 
@@ -390,7 +398,9 @@ class DecoderFamily(ModelFamily):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if all(isinstance(head, ClassNameScorer) for head in heads):
             scored = segment_log_likelihoods(
-                encoder, input_ids, attention_mask,
+                encoder,
+                input_ids,
+                attention_mask,
                 [(head, start, stop) for head, (start, stop) in zip(heads, segments, strict=True)],
             )
             return [head.logit_scale * totals for head, (totals, _) in zip(heads, scored)]

@@ -2,7 +2,7 @@
 
 A family (``model.family`` in the run config) supplies everything that depends on the kind of
 base model. Every later stage (fine-tuning, merging, LoRA, MoE, difficulty recording,
-stopping rules, the report) sees only what the family returns:
+stopping rules, the report) uses only what the family returns:
 
 - `ModelFamily.base_model`: the module that is fine-tuned and merged. Task vectors and LoRA
   adapters are keyed by its state_dict names. It is a text encoder (`AutoModel`), the image
@@ -49,8 +49,8 @@ EncodedSplit = TokenizedSplit | ImageSplit
 
 
 def class_templates_for(task_templates: list[str] | None, model: ModelConfig) -> list[str]:
-    """Return a task's class-name templates: its own, else model.class_templates, else the
-    model's prompt_template."""
+    """Return a task's class-name templates: its own, else the model's class_templates, else
+    [prompt_template]."""
     if task_templates:
         return list(task_templates)
     if model.class_templates:
@@ -83,8 +83,8 @@ class ModelFamily(ABC):
 
     Args:
         config: the run's model section.
-        class_templates: class-name templates of each task, by task name; a task missing
-            here uses `class_templates_for(None, config)`.
+        class_templates: class-name templates of each task, by task name. Tasks missing
+            here use `class_templates_for(None, config)`.
     """
 
     name: ClassVar[str]
@@ -151,7 +151,7 @@ class ModelFamily(ABC):
 
         Rows [start, stop) of segment i belong to the task of `heads[i]`. A batch made by
         `upcycle.evaluation.concat_batches` has this layout. One pass means that MoE layers
-        route all the rows together, so their load-balancing loss sees the whole mixture.
+        route all the rows together, so their load-balancing loss covers the whole mixture.
 
         Returns:
             the logits [stop - start, C_i] of each segment.
@@ -190,7 +190,11 @@ class EncoderFamily(ModelFamily):
         if tokenized.truncated:
             logger.info(
                 "task %s %s: %d of %d texts truncated to %d tokens",
-                task.name, split, tokenized.truncated, len(data), max_length,
+                task.name,
+                split,
+                tokenized.truncated,
+                len(data),
+                max_length,
             )
         return tokenized
 
@@ -204,16 +208,25 @@ class EncoderFamily(ModelFamily):
             templates = self.templates(name)
             if len(templates) == 1:
                 heads[name] = build_label_embedding_head(
-                    encoder, self.tokenizer, task.class_names,
-                    prompt_template=templates[0], pooling=model.pooling,
-                    logit_scale=model.logit_scale, max_length=model.max_length, device=device,
+                    encoder,
+                    self.tokenizer,
+                    task.class_names,
+                    prompt_template=templates[0],
+                    pooling=model.pooling,
+                    logit_scale=model.logit_scale,
+                    max_length=model.max_length,
+                    device=device,
                 ).to(device)
                 continue
             # Several templates: average the normalised embeddings of every template.
             prompts = [template.format(c) for c in task.class_names for template in templates]
             embeddings = embed_texts(
-                encoder, self.tokenizer, prompts, pooling=model.pooling,
-                max_length=model.max_length, device=device,
+                encoder,
+                self.tokenizer,
+                prompts,
+                pooling=model.pooling,
+                max_length=model.max_length,
+                device=device,
             )
             embeddings = F.normalize(embeddings, dim=-1).view(task.num_classes, len(templates), -1)
             heads[name] = LabelEmbeddingHead(embeddings.mean(1), model.logit_scale).to(device)

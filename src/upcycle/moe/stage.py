@@ -398,6 +398,7 @@ def moe_step(ws: Workspace, seed: int, step: int) -> None:
     ws.run.mark_complete(
         key,
         {"seconds": round(seconds, 1), "router_loss": [losses[0], losses[-1]] if losses else []},
+        files=[folder / f"step{step}.csv", folder / f"step{step}_router.csv"],
     )
     test = [value for (_, split), value in accuracy.items() if split == "test"]
     expert_test = [float(reference.loc[(task, "test")]) for task in ws.task_names]

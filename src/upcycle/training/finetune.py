@@ -299,7 +299,9 @@ def expert_is_done(ws: Workspace, kind: str, task: str, seed: int) -> bool:
     missing = [str(path) for path in expert_files(ws, kind, task, seed) if not path.is_file()]
     if missing:
         logger.warning(
-            "%s is marked complete, but %s is missing; fine-tuning it again", key, ", ".join(missing)
+            "%s is marked complete, but %s is missing, so it is fine-tuned again",
+            key,
+            ", ".join(missing),
         )
         return False
     return True
@@ -360,8 +362,8 @@ def load_training_state(
         the EL2N scores [N] (NaN before they are computed).
 
     Raises:
-        CheckpointError: for a corrupt state file or one of another model; the message
-            says to delete it, which restarts the fine-tune from step 1.
+        CheckpointError: for a corrupt state file or one of another model. Deleting the
+            file, as the message suggests, restarts the fine-tune from step 1.
     """
     restart = f"Delete {path} to fine-tune this expert again from step 1"
     try:
