@@ -42,8 +42,8 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def print_header(name: str, command: str) -> None:
-    """Print the benchmark's name, the date, the command and the machine it runs on."""
+def print_header(name: str, command: str, note: str | None = None) -> None:
+    """Print the benchmark's name, the date, the command, the machine it runs on and a note."""
     quiet_libraries()
     load = os.getloadavg()
     print(f"benchmark: {name}")
@@ -56,6 +56,8 @@ def print_header(name: str, command: str) -> None:
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     )
     print(f"load average at start (1, 5, 15 min): {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}")
+    if note:
+        print(f"note: {note}")
     print()
 
 

@@ -38,10 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPOSITORY / "configs/quick.yaml"))
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--note", help="a line printed under the header, e.g. other load")
     args = parser.parse_args()
     print_header(
         "quick_end_to_end",
         f"python benchmarks/quick_end_to_end.py --config {args.config} --executor {args.executor}",
+        args.note,
     )
 
     from upcycle.config import load_config

@@ -9,8 +9,8 @@ gradient norms off as in the default config.
 
 The fine-tune runs in pairs of blocks of `--steps` steps. Recording is on in one block
 of each pair and off in the other, in the order on-off, off-on, on-off, ..., so a slow
-phase of a shared machine hits both settings alike, and both blocks of a pair train on
-the same batches, so padding lengths do not differ between them. Every step is timed.
+phase of a shared machine hits both settings alike. Both blocks of a pair train on the
+same batches, so padding lengths do not differ between them. Every step is timed.
 The throughput ratio (recording on over off) is given twice: from the summed step times
 of each setting, and as the median of the pairs' ratios, which bursts of load from other
 processes move less. The time spent inside `observe` is also timed call by call, which

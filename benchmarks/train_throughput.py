@@ -156,11 +156,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="blocks per variant")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the rate")
     parser.add_argument("--train-examples", type=int, default=400)
+    parser.add_argument("--note", help="a line printed under the header, e.g. other load")
     args = parser.parse_args()
     print_header(
         "train_throughput",
         f"python benchmarks/train_throughput.py --steps {args.steps} --rounds {args.rounds} "
         f"--warmup {args.warmup} --train-examples {args.train_examples}",
+        args.note,
     )
     print(
         f"task {TASK} ({args.train_examples} training examples), all-MiniLM-L6-v2 + linear "

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_config_dict
+from conftest import tiny_config_dict
 
 from upcycle import pipeline
 from upcycle.analysis.difficulty import difficulty_deciles
@@ -28,19 +28,8 @@ TRAIN_EXAMPLES = 30
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("analysis-bert"))
-    # A tokenizer built from the vocabulary itself, so every keyword gets its own token id
-    # and the experts learn their tasks (and the merge has something to forget).
-    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def analyzed(model_dir, tiny_suite, tmp_path_factory):
-    raw = tiny_config_dict(model_dir, tiny_suite)
+def analyzed(tiny_model_dir, tiny_suite, tmp_path_factory):
+    raw = tiny_config_dict(tiny_model_dir, tiny_suite)
     raw["training"]["methods"] = ["full", "lora"]
     raw["merging"]["lora_methods"] = PEFT_METHODS
     raw["analysis"] = {"train_examples": TRAIN_EXAMPLES}
@@ -111,7 +100,7 @@ def direct_correct(ws, model_dir, task_vector, task: str, split: TokenizedSplit)
 
 
 @pytest.mark.parametrize(("method", "step"), [("task_arithmetic", 6), ("dare_ties", 12)])
-def test_forgetting_counts_recomputed(method, step, analyzed, model_dir):
+def test_forgetting_counts_recomputed(method, step, analyzed, tiny_model_dir):
     ws = analyzed
     merges = pd.read_csv(ws.run.result_path("merges.csv"))
     chosen = merges[(merges["method"] == method) & (merges["step"] == step)]
@@ -137,8 +126,8 @@ def test_forgetting_counts_recomputed(method, step, analyzed, model_dir):
             "train": TokenizedSplit([train.ids[i] for i in subset], train.labels[subset], 0),
         }
         for split_name, split in splits.items():
-            expert_correct = direct_correct(ws, model_dir, expert.task_vector, task, split)
-            merged_correct = direct_correct(ws, model_dir, merged, task, split)
+            expert_correct = direct_correct(ws, tiny_model_dir, expert.task_vector, task, split)
+            merged_correct = direct_correct(ws, tiny_model_dir, merged, task, split)
             forgotten = expert_correct & ~merged_correct
             row = table[
                 (table["task"] == task)
@@ -151,8 +140,10 @@ def test_forgetting_counts_recomputed(method, step, analyzed, model_dir):
         examples = pd.read_parquet(ws.run.expert_dir("full", task, 0) / "examples.parquet")
         learned = examples.sort_values("index")["learned_step"].to_numpy()[subset]
         deciles = difficulty_deciles(learned)
-        expert_correct = direct_correct(ws, model_dir, expert.task_vector, task, splits["train"])
-        merged_correct = direct_correct(ws, model_dir, merged, task, splits["train"])
+        expert_correct = direct_correct(
+            ws, tiny_model_dir, expert.task_vector, task, splits["train"]
+        )
+        merged_correct = direct_correct(ws, tiny_model_dir, merged, task, splits["train"])
         rows = table[(table["task"] == task) & (table["score"] == "learned_step")]
         for decile in range(10):
             members = deciles == decile

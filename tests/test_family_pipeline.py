@@ -1,13 +1,13 @@
 """End-to-end runs of a tiny CLIP on image tasks and a tiny decoder on text tasks.
 
-Both runs fine-tune full and LoRA experts, merge them, pick stopping steps and write the
-summary. The decoder run also analyses forgetting and writes the report.
+Both runs fine-tune full and LoRA experts, merge them, upcycle the LoRA experts into MoE
+layers, pick stopping steps and write the summary. The decoder run also analyses
+forgetting and writes the report; the analysis stage subsets `TokenizedSplit`s only, so
+the CLIP run skips it.
 
-The MoE stage takes text-encoder batches only (token ids pooled by the encoder), and the
-analysis stage subsets `TokenizedSplit`s only, so the CLIP run skips analysis and both
-runs skip the MoE stage. The MoE path of both families is tested from the stage's parts
-instead: the runs' LoRA adapters upcycled into MoE layers, routers trained on mixed
-batches through `ModelFamily.mixture_logits`, and the upcycled model evaluated.
+The MoE path of both families is also tested from the stage's parts: the runs' LoRA
+adapters upcycled into MoE layers, routers trained on mixed batches through
+`ModelFamily.mixture_logits`, and the upcycled model evaluated.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from upcycle.workspace import Workspace
 
 METHODS = ["average", "dare_task_arithmetic", "dare_ties", "task_arithmetic", "ties"]
 STEPS = [3, 6]
+SPLITS = ["test", "validation"]
+TASKS = {"clip": ["colors", "tones"], "decoder": ["mood", "topic"]}
 SECTIONS = {
     "training": {
         "methods": ["full", "lora"],
@@ -44,6 +46,7 @@ SECTIONS = {
     "recorder": {"full_gradient_examples": 4},
     "merging": {"coefficients": [0.5, 1.0], "lora_methods": ["peft_linear"]},
     "evaluation": {"batch_size": 8},
+    "moe": {"enabled": True, "top_k": 1, "router_steps": 2, "batch_size": 4},
 }
 
 
@@ -80,6 +83,12 @@ def decoder_run(tmp_path_factory):
 @pytest.fixture(params=["clip", "decoder"])
 def family_run(request):
     return request.getfixturevalue(f"{request.param}_run")
+
+
+@pytest.fixture(params=["clip", "decoder"])
+def named_run(request):
+    """The family's name with its run: (family, (config, run_dir))."""
+    return request.param, request.getfixturevalue(f"{request.param}_run")
 
 
 def test_expert_tables_have_every_step(family_run):
@@ -206,3 +215,41 @@ def test_moe_through_family_seam(family_run):
         )
         assert predictions.shape == (len(split),)
         assert set(predictions.tolist()) <= set(range(ws.tasks[task].num_classes))
+
+
+def test_moe_rows_cover_every_step(named_run):
+    family, (_, run_dir) = named_run
+    moe = pd.read_csv(run_dir / "results/moe.csv")
+    expected = sorted(
+        (step, task, split) for step in STEPS for task in TASKS[family] for split in SPLITS
+    )
+    assert sorted(zip(moe["step"], moe["task"], moe["split"])) == expected
+
+
+def test_moe_expert_accuracy_is_lora_expert(family_run):
+    _, run_dir = family_run
+    moe = pd.read_csv(run_dir / "results/moe.csv")
+    experts = pd.read_csv(run_dir / "results/lora_experts.csv")
+    keys = ["seed", "step", "task", "split"]
+    joined = moe.merge(experts, on=keys, suffixes=("", "_lora"), validate="one_to_one")
+    assert len(joined) == len(moe)
+    assert (joined["expert_accuracy"] == joined["accuracy_lora"]).all()
+    assert moe["accuracy"].between(0, 1).all()
+
+
+def test_moe_router_fractions_sum_to_one(family_run):
+    _, run_dir = family_run
+    router = pd.read_csv(run_dir / "results/moe_router.csv")
+    sums = router.groupby(["step", "task", "layer"])["fraction"].sum()
+    assert np.allclose(sums, 1.0)
+
+
+def test_moe_router_has_every_adapted_layer(named_run):
+    family, (_, run_dir) = named_run
+    task = TASKS[family][0]
+    adapter = load_file(run_dir / f"checkpoints/lora/{task}/seed0/step6.safetensors")
+    adapted = {name.split(".lora_A")[0] for name in adapter if ".lora_A" in name}
+    router = pd.read_csv(run_dir / "results/moe_router.csv")
+    # Every (step, task, layer) has one row per expert, and every adapted layer is routed.
+    assert router["layer"].nunique() == len(adapted)
+    assert len(router) == len(STEPS) * 2 * len(adapted) * 2

@@ -137,6 +137,9 @@ def import_ray() -> Any:
 
 def gpus_per_job(ws: Workspace) -> float:
     """Return the GPUs each Ray job reserves: the config's value, else 1 on CUDA and 0 on CPU."""
+    # NOTE: the default follows the driver's device. A driver without a GPU that sends jobs
+    # to GPU nodes needs device: auto (device: cuda fails on the driver) and an explicit
+    # ray.gpus_per_job. No test covers GPU jobs, because the test machines have no GPU.
     if ws.config.ray.gpus_per_job is not None:
         return ws.config.ray.gpus_per_job
     return 1.0 if ws.device.type == "cuda" else 0.0
@@ -154,7 +157,15 @@ def connect_ray(ws: Workspace) -> Any:
     else:
         cpus = settings.local_cpus or os.cpu_count() or 1
         logger.info("starting a local Ray instance with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        # A local instance listens on the loopback address only, and sends Ray's usage
+        # statistics nowhere unless RAY_USAGE_STATS_ENABLED=1 asks for them.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
     return ray
 
 

@@ -241,6 +241,7 @@ def prune_tasks(
         splits["train"] = Split(
             texts=[train.texts[i] for i in kept_indices],
             labels=[train.labels[i] for i in kept_indices],
+            images=train.images.select(kept_indices) if train.images is not None else None,
         )
         pruned[name] = Task(name=task.name, class_names=list(task.class_names), splits=splits)
         logger.info(

@@ -193,11 +193,8 @@ def analysis_train_indices(ws: Workspace, task: str) -> np.ndarray:
 
 
 def subset_split(split: TokenizedSplit, indices: np.ndarray) -> TokenizedSplit:
-    return TokenizedSplit(
-        ids=[split.ids[i] for i in indices],
-        labels=split.labels[torch.as_tensor(indices, dtype=torch.long)],
-        truncated=0,
-    )
+    # Text and image splits both implement `subset`.
+    return split.subset(indices)
 
 
 def difficulty_scores(

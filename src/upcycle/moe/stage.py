@@ -1,21 +1,24 @@
 """The MoE stage: the LoRA experts of each checkpoint step upcycled into top-k MoE layers.
 
 For every seed and checkpoint step, the task adapters of that step become the experts of
-`LoraMoELinear` layers in a fresh copy of the base encoder, with one router per adapted
-module (or per module of `moe.modules`). The routers are trained on a mixture of the
-tasks' training splits, then the upcycled encoder is evaluated on every task through
-that task's own head.
+`LoraMoELinear` layers in a fresh copy of the base model, with one router per adapted
+module (or per module of `moe.modules`). The base model is a text encoder, a CLIP image
+tower or a decoder. The routers are trained on a mixture of the tasks' training splits, then
+the upcycled model is evaluated on every task through that task's own head.
 
 Every router-training batch mixes the tasks (see `router_batches`). The load-balancing
 loss of a batch then measures the load of the whole mixture, so it does not push the
 tokens of one task away from that task's own expert, as single-task batches would.
-The task loss is the cross-entropy of each example through its task's head, averaged
-over the batch.
+The task loss is the cross-entropy of each example through its task's head
+(`ModelFamily.mixture_logits`), averaged over the batch. The routed tokens, in the
+load-balancing loss and in the routing statistics, are those of
+`ModelFamily.routing_mask`: the non-padding tokens of a text, and every token of an image
+(its patches and the class token).
 
 Each (seed, step) writes RUN/moe/seed<S>/step<N>.csv (moe.csv rows) and
 step<N>_router.csv (moe_router.csv rows) and is then marked complete in the manifest,
 so a killed stage resumes at the first unfinished step. In moe_router.csv, `fraction`
-is the share of the top-k assignments of a task's non-padding validation tokens that go
+is the share of the top-k assignments of a task's routed validation tokens that go
 to `expert` (the task whose adapter it is) in MoE layer `layer`. Every token makes
 top_k assignments to distinct experts, so the fractions of one (task, layer) sum to 1
 and none exceeds 1 / top_k.
@@ -28,22 +31,21 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Self
+from typing import Self, overload
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from upcycle.errors import CheckpointError, ConfigError, MergeError
-from upcycle.evaluation import correct_mask
+from upcycle.evaluation import collate, concat_batches, correct_mask, model_inputs
 from upcycle.io import atomic_write_csv
 from upcycle.merging.lora import AdapterInfo
 from upcycle.merging.sweep import Expert, heads_for, load_expert, lora_adapter_info
-from upcycle.models.encoder import pool
+from upcycle.models.family import ModelFamily
 from upcycle.moe.upcycle import moe_layers, train_router, upcycle_to_moe
 from upcycle.selection.trajectory import checkpoint_accuracy, checkpoint_for
 from upcycle.store import RunDir
@@ -158,8 +160,8 @@ def _example_stream(num_examples: int, *, seed: int, task_index: int) -> Iterato
         yield from order.tolist()
 
 
-def router_batches(ws: Workspace, *, seed: int, steps: int, batch_size: int) -> list[dict]:
-    """Build the router-training batches of one seed; every batch mixes the tasks.
+def router_batches(ws: Workspace, *, seed: int, steps: int, batch_size: int) -> RouterBatches:
+    """Plan the router-training batches of one seed; every batch mixes the tasks.
 
     Each of the T tasks gives batch_size // T examples of its training split to every
     batch, and the batch_size % T remaining places go to the first tasks of a seeded
@@ -168,8 +170,8 @@ def router_batches(ws: Workspace, *, seed: int, steps: int, batch_size: int) -> 
     config and the data.
 
     Returns:
-        `steps` batches on the run's device. Each has input_ids and attention_mask [B, L],
-        labels [B], and "segments": a (task, start, stop) row range per task, in task order.
+        `steps` batches, each built on the run's device when it is read (see
+        `RouterBatches`).
     """
     tasks = ws.task_names
     streams = {
@@ -177,7 +179,7 @@ def router_batches(ws: Workspace, *, seed: int, steps: int, batch_size: int) -> 
         for index, task in enumerate(tasks)
     }
     share, remainder = divmod(batch_size, len(tasks))
-    batches = []
+    plan = []
     for step in range(steps):
         order = np.random.default_rng([seed, step]).permutation(len(tasks))
         extra = set(order[:remainder].tolist())
@@ -186,51 +188,84 @@ def router_batches(ws: Workspace, *, seed: int, steps: int, batch_size: int) -> 
             count = share + (1 if index in extra else 0)
             if count:
                 parts.append((task, list(itertools.islice(streams[task], count))))
-        batches.append(_mixed_batch(ws, parts))
-    return batches
+        plan.append(parts)
+    return RouterBatches(ws, plan)
+
+
+class RouterBatches(Sequence[dict]):
+    """Router-training batches that are collated only when read.
+
+    Holding every batch of a long router training on the device at once would cost
+    `steps` batches of pixels for image models, so each batch is built from its planned
+    (task, example indices) parts on access. Reading batch i twice gives equal batches.
+
+    Each batch contains the model inputs of `upcycle.evaluation.model_inputs` under "inputs"
+    and also at its top level (input_ids and attention_mask [B, L], or pixel_values
+    [B, 3, H, W]), labels [B], and "segments": a (task, start, stop) row range per task,
+    in task order. Its top-level "attention_mask" is the routing mask [B, L] of
+    `ModelFamily.routing_mask`, which `train_router` takes as the token mask of the
+    load-balancing loss; for text models it is the inputs' own attention mask.
+    """
+
+    def __init__(self, ws: Workspace, plan: Sequence[Sequence[tuple[str, list[int]]]]) -> None:
+        self.ws = ws
+        self.plan = list(plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    @overload
+    def __getitem__(self, index: int) -> dict: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict]: ...
+
+    def __getitem__(self, index: int | slice) -> dict | list[dict]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return _mixed_batch(self.ws, self.plan[index])
 
 
 def _mixed_batch(ws: Workspace, parts: Sequence[tuple[str, list[int]]]) -> dict:
-    """Pad the training examples of several tasks into one batch, grouped by task."""
-    rows: list[Tensor] = []
-    labels: list[Tensor] = []
-    segments = []
-    for task, indices in parts:
-        split = ws.tokenized[(task, "train")]
-        start = len(rows)
-        rows += [split.ids[index] for index in indices]
-        labels.append(split.labels[torch.as_tensor(indices, dtype=torch.long)])
-        segments.append((task, start, len(rows)))
-    lengths = torch.tensor([len(row) for row in rows])
-    input_ids = pad_sequence(rows, batch_first=True, padding_value=ws.pad_id)
-    attention_mask = (torch.arange(input_ids.shape[1]) < lengths.unsqueeze(1)).long()
+    """Collate the training examples of several tasks into one batch, grouped by task."""
+    batches = [
+        collate(ws.tokenized[(task, "train")], indices, ws.pad_id) for task, indices in parts
+    ]
+    merged, bounds = concat_batches(batches, ws.pad_id)
+    inputs = model_inputs(merged, ws.device)
     return {
-        "input_ids": input_ids.to(ws.device),
-        "attention_mask": attention_mask.to(ws.device),
-        "labels": torch.cat(labels).to(ws.device),
-        "segments": tuple(segments),
+        **inputs,
+        "attention_mask": ws.family.routing_mask(inputs),
+        "inputs": inputs,
+        "labels": merged["labels"].to(ws.device),
+        "segments": tuple(
+            (task, start, stop) for (task, _), (start, stop) in zip(parts, bounds, strict=True)
+        ),
     }
 
 
 def mixture_loss(
-    heads: Mapping[str, nn.Module], pooling: str
+    family: ModelFamily, heads: Mapping[str, nn.Module]
 ) -> Callable[[nn.Module, dict], Tensor]:
-    """Return the task loss of a mixed batch for `train_router`.
+    """Return the task loss of a `RouterBatches` batch for `train_router`.
 
-    The encoder runs once on the whole batch, then each task's rows go through that
-    task's head. The loss is the cross-entropy summed over examples and divided by B.
+    The model runs once on the whole batch (`ModelFamily.mixture_logits`), then each
+    task's rows go through that task's head. The loss is the cross-entropy summed over
+    examples and divided by B.
     """
 
     def loss_fn(encoder: nn.Module, batch: dict) -> Tensor:
-        mask = batch["attention_mask"]
-        hidden = encoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-        pooled = pool(hidden, mask, pooling)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for task, start, stop in batch["segments"]:
-            head = heads[task]
-            logits = head(head.features(pooled[start:stop]))
+        segments = batch["segments"]
+        logits = family.mixture_logits(
+            encoder,
+            [heads[task] for task, _, _ in segments],
+            batch["inputs"],
+            [(start, stop) for _, start, stop in segments],
+        )
+        total = logits[0].new_zeros((), dtype=torch.float32)
+        for part, (_, start, stop) in zip(logits, segments, strict=True):
             labels = batch["labels"][start:stop]
-            total = total + F.cross_entropy(logits.float(), labels, reduction="sum")
+            total = total + F.cross_entropy(part.float(), labels, reduction="sum")
         return total / batch["labels"].numel()
 
     return loss_fn
@@ -241,15 +276,28 @@ def mixture_loss(
 
 
 class RouterCounts:
-    """Count the top-k assignments of non-padding tokens per MoE layer and expert.
+    """Count the top-k assignments of routed tokens per MoE layer and expert.
 
-    Use it as a context manager around forward passes of an upcycled encoder. A forward
-    hook reads each pass's routing and its `attention_mask` keyword argument, which
-    `Classifier` always passes.
+    Use it as a context manager around forward passes of a classifier built on an upcycled
+    encoder. A forward hook on the classifier reads the routing of the encoder's MoE layers
+    after each pass, and keeps the tokens that `routing_mask` (`ModelFamily.routing_mask`)
+    marks in the pass's keyword inputs. `upcycle.evaluation.predict` passes every input as
+    a keyword.
+
+    Args:
+        encoder: the upcycled encoder; its MoE layers are named relative to it.
+        classifier: the module that runs `encoder`, called with keyword inputs.
+        routing_mask: maps the classifier's keyword inputs to the routed tokens [B, L].
     """
 
-    def __init__(self, encoder: nn.Module) -> None:
-        self.encoder = encoder
+    def __init__(
+        self,
+        encoder: nn.Module,
+        classifier: nn.Module,
+        routing_mask: Callable[[Mapping[str, Tensor]], Tensor],
+    ) -> None:
+        self.classifier = classifier
+        self.routing_mask = routing_mask
         self.layers = moe_layers(encoder)
         self.counts = {
             name: torch.zeros(layer.num_experts, dtype=torch.long)
@@ -258,23 +306,29 @@ class RouterCounts:
         self._handle = None
 
     def __enter__(self) -> Self:
-        self._handle = self.encoder.register_forward_hook(self._count, with_kwargs=True)
+        self._handle = self.classifier.register_forward_hook(self._count, with_kwargs=True)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._handle.remove()
 
     def _count(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None:
+        if args:
             raise MergeError(
-                "the upcycled encoder was called without an attention_mask keyword argument, "
-                "so padding tokens cannot be left out of the routing statistics"
+                f"{type(module).__name__} was called with {len(args)} positional inputs; pass "
+                "its inputs as keywords so that the routed tokens can be found for the "
+                "routing statistics"
             )
-        token_mask = mask.reshape(-1).bool()
+        token_mask = self.routing_mask(kwargs).reshape(-1).bool()
         for name, layer in self.layers.items():
             # [T, top_k] over the tokens of the flattened batch, in the order of the mask.
             selected = layer.last_routing.selected_experts
+            if selected.shape[0] != token_mask.numel():
+                raise MergeError(
+                    f"MoE layer {name!r} routed {selected.shape[0]} tokens but the routing "
+                    f"mask has {token_mask.numel()}; upcycle only layers that see every "
+                    "token of the input (leave this one out of moe.modules)"
+                )
             selected = selected[token_mask.to(selected.device)]
             counts = torch.bincount(selected.reshape(-1), minlength=layer.num_experts)
             self.counts[name] += counts.cpu()
@@ -302,7 +356,7 @@ def evaluate_moe(
     routing: dict[str, dict[str, Tensor]] = {}
     for task in ws.task_names:
         classifier = ws.classifier(encoder, heads[task])
-        with RouterCounts(encoder) as counts:
+        with RouterCounts(encoder, classifier, ws.family.routing_mask) as counts:
             correct = correct_mask(classifier, ws.tokenized[(task, "validation")], **options)
         routing[task] = counts.fractions()
         accuracy[(task, "validation")] = float(correct.mean())
@@ -351,7 +405,7 @@ def moe_step(ws: Workspace, seed: int, step: int) -> None:
     losses = train_router(
         encoder,
         batches,
-        loss_fn=mixture_loss(heads, ws.config.model.pooling),
+        loss_fn=mixture_loss(ws.family, heads),
         steps=config.router_steps,
         learning_rate=config.learning_rate,
         load_balancing_weight=config.load_balancing_weight,
@@ -422,20 +476,13 @@ def run_moe_stage(ws: Workspace, *, progress: bool = True) -> None:
     per-step files of every finished step, in seed and step order.
 
     Raises:
-        ConfigError: if the run trains no LoRA experts or its model is not a text encoder.
+        ConfigError: if the run trains no LoRA experts.
         CheckpointError, MergeError, TrainingError: see `moe_step`.
     """
     if "lora" not in ws.config.training.methods:
         raise ConfigError(
             "the MoE stage upcycles LoRA adapters, but training.methods is "
             f"{ws.config.training.methods}; add 'lora' to training.methods and fine-tune first"
-        )
-    # NOTE: router training feeds token batches through `pool` and the task heads, so
-    # only text encoders are supported; CLIP and decoder models would need their own loss.
-    if ws.config.model.family != "encoder":
-        raise ConfigError(
-            f"the MoE stage supports model.family 'encoder' only, got "
-            f"{ws.config.model.family!r}; set moe.enabled to false for this run"
         )
     units = [
         (seed, step)
