@@ -157,9 +157,13 @@ def connect_ray(ws: Workspace) -> Any:
     else:
         cpus = settings.local_cpus or os.cpu_count() or 1
         logger.info("starting a local Ray instance with %d CPUs", cpus)
-        # A local instance listens on the loopback address only, and sends Ray's usage
-        # statistics nowhere unless RAY_USAGE_STATS_ENABLED=1 asks for them.
+        # A local instance sends Ray's usage statistics nowhere unless
+        # RAY_USAGE_STATS_ENABLED=1 turns them on. It also keeps to the loopback address:
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray's processes (which read it on
+        # import, in Ray 2.60) take 127.0.0.1 as the node address on every platform, where
+        # they would otherwise take and listen on the address of a network interface.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(
             num_cpus=cpus,
             include_dashboard=False,
