@@ -5,7 +5,7 @@ executor of `--executor` (default: local). Stage times come from the "stage ... 
 in" log lines of `upcycle.pipeline`. Torch uses every core unless OMP_NUM_THREADS sets
 another number of threads.
 
-Run: python benchmarks/quick_end_to_end.py [--executor ray] > benchmarks/output/quick_end_to_end.txt
+Run: python benchmarks/quick_end_to_end.py [--executor ray] [--out DIR] > benchmarks/output/quick_end_to_end.txt
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPOSITORY / "configs/quick.yaml"))
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
     parser.add_argument("--note", help="a line printed under the header, e.g. other load")
+    parser.add_argument(
+        "--out",
+        help="a new run directory to keep the run in (default: a temporary one, deleted after)",
+    )
     args = parser.parse_args()
     print_header(
         "quick_end_to_end",
@@ -55,8 +59,11 @@ def main() -> None:
     logging.getLogger("upcycle.pipeline").addHandler(handler)
     logging.getLogger("upcycle.pipeline").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="upcycle-bench-") as folder:
+        run = Path(args.out) if args.out else Path(folder) / "run"
+        if run.exists():
+            sys.exit(f"--out {run} already exists; give a new directory, so that nothing is resumed")
         started = time.perf_counter()
-        run_all(config, Path(folder) / "run", data_root=str(data_root()), progress=False)
+        run_all(config, run, data_root=str(data_root()), progress=False)
         total = time.perf_counter() - started
     for line in handler.lines:
         print(line)

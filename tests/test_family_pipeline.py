@@ -1,9 +1,8 @@
 """End-to-end runs of a tiny CLIP on image tasks and a tiny decoder on text tasks.
 
 Both runs fine-tune full and LoRA experts, merge them, upcycle the LoRA experts into MoE
-layers, pick stopping steps and write the summary. The decoder run also analyses
-forgetting and writes the report; the analysis stage subsets `TokenizedSplit`s only, so
-the CLIP run skips it.
+layers, analyse difficulty, forgetting and interference, pick stopping steps and write the
+summary and the report.
 
 The MoE path of both families is also tested from the stage's parts: the runs' LoRA
 adapters upcycled into MoE layers, routers trained on mixed batches through
@@ -56,13 +55,7 @@ def clip_run(tmp_path_factory):
     model_dir = make_tiny_clip(root / "model")
     make_image_folder(root / "suite" / "colors", ["red", "green", "blue"])
     make_image_dataset(root / "suite" / "tones", ["bright", "dark"])
-    raw = clip_config(
-        model_dir,
-        root / "suite",
-        **SECTIONS,
-        analysis={"enabled": False},
-        report={"enabled": False},
-    )
+    raw = clip_config(model_dir, root / "suite", **SECTIONS)
     config = parse_config(raw)
     run_all(config, root / "run", progress=False)
     return config, root / "run"
@@ -149,12 +142,16 @@ def test_decoder_checkpoint_omits_tied_head(decoder_run):
     assert any(".mlp.gate_proj.lora_A" in name for name in lora)
 
 
-def test_decoder_analysis_and_report(decoder_run):
-    _, run_dir = decoder_run
+def test_analysis_and_report(named_run):
+    family, (_, run_dir) = named_run
     forgetting = pd.read_csv(run_dir / "results/forgetting.csv")
     assert set(forgetting["kind"]) == {"full", "lora"}
+    assert set(forgetting["task"]) == set(TASKS[family])
     assert forgetting["rate"].dropna().between(0, 1).all()
-    assert (run_dir / "report/index.html").is_file()
+    interference = pd.read_csv(run_dir / "results/interference.csv")
+    assert set(interference["step"]) >= set(STEPS)
+    report = (run_dir / "report/index.html").read_text()
+    assert "<img" in report
 
 
 def test_clip_zero_shot_rows(clip_run):
