@@ -201,3 +201,101 @@ def test_error_metadata_not_string(tmp_path):
         merge_safetensors_files(
             paths, tmp_path / "merged.safetensors", "average", metadata={"step": 100}
         )
+
+
+def large_experts(count=4, dtype=torch.float32):
+    """Experts whose first parameter spans several blocks of 64 elements."""
+    generator = torch.Generator().manual_seed(7)
+    return [
+        {
+            "embeddings.weight": torch.randn(40, 6, generator=generator).to(dtype),
+            "encoder.layer.0.weight": torch.randn(9, 7, generator=generator).to(dtype),
+            "encoder.layer.0.bias": torch.randn(50, generator=generator).to(dtype),
+        }
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype"),
+    [
+        ("average", torch.float32),
+        ("average", torch.bfloat16),
+        ("task_arithmetic", torch.float32),
+        ("task_arithmetic", torch.bfloat16),
+        ("ties", torch.float32),
+    ],
+)
+def test_blocked_merge_equals_in_memory(tmp_path, method, dtype):
+    experts = large_experts(dtype=dtype)
+    paths = save_experts(tmp_path, experts)
+    out = tmp_path / "merged.safetensors"
+    merge_safetensors_files(paths, out, method, block_elements=64, **OPTIONS[method])
+    streamed = load_file(str(out))
+    in_memory = merge_task_vectors(experts, method, **OPTIONS[method])
+    assert list(streamed) == sorted(in_memory)
+    for key in in_memory:
+        assert streamed[key].dtype == dtype, key
+        assert torch.equal(streamed[key], in_memory[key]), key
+
+
+def test_blocked_ties_keeps_nothing_at_low_density(tmp_path):
+    experts = large_experts(count=2)
+    paths = save_experts(tmp_path, experts)
+    out = tmp_path / "merged.safetensors"
+    # 0.001 of 240 elements rounds down to no element kept, as in PEFT.
+    merge_safetensors_files(paths, out, "ties", density=0.001, block_elements=64)
+    in_memory = merge_task_vectors(experts, "ties", density=0.001)
+    streamed = load_file(str(out))
+    assert torch.count_nonzero(streamed["embeddings.weight"]) == 0
+    for key in in_memory:
+        assert torch.equal(streamed[key], in_memory[key]), key
+
+
+def test_blocked_merge_names_non_finite_expert(tmp_path):
+    experts = large_experts(count=3)
+    experts[1]["embeddings.weight"][30, 2] = float("nan")
+    paths = save_experts(tmp_path, experts)
+    with pytest.raises(MergeError, match=r"expert\(s\) '.*expert1.safetensors'"):
+        merge_safetensors_files(paths, tmp_path / "merged.safetensors", "task_arithmetic", block_elements=64)
+
+
+def test_block_elements_must_be_positive(tmp_path):
+    paths = save_experts(tmp_path, large_experts(count=2))
+    with pytest.raises(MergeError, match="block_elements is 0"):
+        merge_safetensors_files(paths, tmp_path / "merged.safetensors", "average", block_elements=0)
+
+
+def test_blocked_ties_differs_only_at_threshold_ties(tmp_path):
+    # bfloat16 keeps 8 bits of mantissa, so equal magnitudes at the trim threshold are
+    # common; topk keeps some of them and the blocked trim keeps all of them.
+    experts = large_experts(dtype=torch.bfloat16)
+    paths = save_experts(tmp_path, experts)
+    out = tmp_path / "merged.safetensors"
+    merge_safetensors_files(paths, out, "ties", block_elements=64, **OPTIONS["ties"])
+    streamed = load_file(str(out))["embeddings.weight"]
+    in_memory = merge_task_vectors(experts, "ties", **OPTIONS["ties"])["embeddings.weight"]
+    magnitudes = torch.stack([expert["embeddings.weight"].float().abs() for expert in experts])
+    keep = int(OPTIONS["ties"]["density"] * magnitudes[0].numel())
+    thresholds = magnitudes.reshape(len(experts), -1).topk(keep, dim=1).values[:, -1]
+    at_threshold = (magnitudes == thresholds.view(-1, 1, 1)).any(dim=0)
+    differs = streamed != in_memory
+    assert bool(differs.any())
+    assert bool(at_threshold[differs].all())
+
+
+@pytest.mark.parametrize("k", [1, 2, 57, 199, 200])
+def test_kth_largest_magnitude_matches_topk(k):
+    from upcycle.merging.streaming import _kth_largest_magnitude
+
+    generator = torch.Generator().manual_seed(k)
+    values = torch.randn(200, generator=generator) * 10.0 ** torch.randint(-8, 4, (200,), generator=generator)
+    values[:20] = 0.0
+    values[20:30] = values[30:40]  # equal magnitudes
+    values[40] = -float("inf")
+
+    def blocks():
+        yield from values.split(33)
+
+    expected = torch.topk(values.abs(), k).values[-1]
+    assert _kth_largest_magnitude(blocks, k) == float(expected)
