@@ -675,3 +675,13 @@ def test_interference_without_rows(tmp_path: Path) -> None:
     results = RunResults(tmp_path, {"interference.csv": norms})
     with pytest.raises(MissingData, match="no sign_conflict or cosine rows"):
         interference_figure(results, kind="full")
+
+
+def test_summary_leaves_zero_shot_out_of_method_count(tmp_path: Path) -> None:
+    merges = merge_rows()
+    # The merge stage writes the base model's accuracy as method "zeroshot" at step 0.
+    zero_shot = merges[merges["step"] == STEPS[0]].drop_duplicates(["seed", "task", "split"])
+    zero_shot = zero_shot.assign(method="zeroshot", step=0, coefficient=0.0)
+    run = write_run(tmp_path / "run", {"merges.csv": pd.concat([zero_shot, merges])})
+    methods = merges["method"].nunique()
+    assert f"Of the {methods} merging methods," in summary_paragraph(run)

@@ -412,3 +412,57 @@ def test_stale_temp_file_removed(small_run, capsys):
     code, _ = run_cli(capsys, "run", str(config), "--out", str(run_dir))
     assert code == 0
     assert not leftover.exists()
+
+
+def test_moved_data_folder_resumes(small_run, capsys, caplog):
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    config, run_dir, suite = small_run
+    moved = suite.parent / "moved-suite"
+    shutil.copytree(suite, moved)
+    code, _ = run_cli(capsys, "run", str(config), "--out", str(run_dir), "--set", f"data.root={moved}")
+    assert code == 0
+    assert "finetune/full/mood/seed0: already complete, skipped" in caplog.text
+
+
+def test_other_data_folder_with_changed_file_named(small_run, capsys):
+    import shutil
+
+    config, run_dir, suite = small_run
+    other = suite.parent / "other-suite"
+    shutil.copytree(suite, other)
+    test_split = other / "mood/test.jsonl"
+    test_split.write_text(test_split.read_text().replace("great", "lovely", 1))
+    code, err = run_cli(capsys, "run", str(config), "--out", str(run_dir), "--set", f"data.root={other}")
+    assert code == 2
+    assert f"input files changed: {test_split}" in err
+
+
+def test_other_data_folder_with_extra_file_named(small_run, capsys):
+    import shutil
+
+    config, run_dir, suite = small_run
+    other = suite.parent / "other-suite"
+    shutil.copytree(suite, other)
+    extra = other / "mood/notes.txt"
+    extra.write_text("added later\n")
+    code, err = run_cli(capsys, "run", str(config), "--out", str(run_dir), "--set", f"data.root={other}")
+    assert code == 2
+    assert f"input files added: {extra}" in err
+
+
+def test_later_command_reads_recorded_data_folder(
+    tiny_model_dir, tiny_suite, tmp_path, capsys, caplog, monkeypatch
+):
+    caplog.set_level(logging.INFO)
+    monkeypatch.delenv("UPCYCLE_DATA", raising=False)
+    raw = one_task_config(tiny_model_dir, tiny_suite, kind="full", head="label-embedding")
+    del raw["data"]["root"]
+    config = write_config(tmp_path / "config.yaml", raw)
+    run_dir = tmp_path / "run"
+    code, _ = run_cli(capsys, "run", str(config), "--out", str(run_dir), "--data", str(tiny_suite))
+    assert code == 0
+    code, err = run_cli(capsys, "select", str(run_dir), "--rule", "patience", "--param", "patience=1")
+    assert code == 0, err
+    assert f"reading the tasks from {tiny_suite.resolve()}" in caplog.text

@@ -178,7 +178,7 @@ def run_all(config: RunConfig, run_dir, *, data_root=None, force=False, progress
     ws = Workspace(config, run_dir, data_root=data_root)
     # Bad data fails here, before `prepare` can clear the manifest of a forced rerun.
     ws.check_train_sizes()
-    ws.run.prepare(config, ws.input_files(), force=force)
+    ws.run.prepare(config, ws.input_files(), force=force, data_root=ws.data_root)
     run_finetune(ws, progress=progress)
     run_merge(ws)
     if config.moe.enabled:

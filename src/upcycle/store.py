@@ -12,7 +12,8 @@ import fcntl
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,17 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             keys += diff_keys(old.get(key), new.get(key), f"{prefix}{key}.")
         return keys
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def relative_input_names(inputs: Mapping[str, str]) -> dict[str, str]:
+    """Map each input file's path below the deepest folder that holds them all to its path."""
+    if not inputs:
+        return {}
+    paths = sorted(inputs)
+    if len(paths) == 1:
+        return {Path(paths[0]).name: paths[0]}
+    common = os.path.commonpath(paths)
+    return {Path(os.path.relpath(path, common)).as_posix(): path for path in paths}
 
 
 class RunDir:
@@ -187,7 +199,14 @@ class RunDir:
 
     # Config and inputs
 
-    def prepare(self, config, input_files: list[Path], *, force: bool = False) -> None:
+    def prepare(
+        self,
+        config,
+        input_files: list[Path],
+        *,
+        force: bool = False,
+        data_root: Path | None = None,
+    ) -> None:
         """Create the run directory or check that an existing one has the same config and data.
 
         It also removes the temporary files of writes that a killed run left behind, so
@@ -201,6 +220,7 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.read_manifest()
         inputs = {str(path): file_sha256(path) for path in sorted(input_files)}
+        contents = relative_input_names(inputs)
         problems = []
         if manifest["config_hash"] is not None:
             problems = self.changes(manifest, config, inputs)
@@ -219,11 +239,38 @@ class RunDir:
             logger.info("removed %s, left behind by a run killed while writing it", path)
         manifest["config_hash"] = config.config_hash()
         manifest["inputs"] = {**manifest.get("inputs", {}), **inputs}
+        manifest["input_contents"] = {name: inputs[path] for name, path in contents.items()}
+        if data_root is not None:
+            manifest["data_root"] = str(Path(data_root).resolve())
         atomic_write_text(self.config_path, config.to_yaml())
         atomic_write_json(self.manifest_path, manifest)
 
+    def recorded_data_root(self) -> Path | None:
+        """Return the data folder this run was prepared with, if it still exists."""
+        if not self.manifest_path.is_file():
+            return None
+        recorded = self.read_manifest().get("data_root")
+        if recorded is None:
+            return None
+        if not Path(recorded).is_dir():
+            logger.warning(
+                "the data folder %s that run %s recorded no longer exists; give the data "
+                "folder with --data or UPCYCLE_DATA",
+                recorded,
+                self.root,
+            )
+            return None
+        logger.info("reading the tasks from %s, the data folder the run recorded", recorded)
+        return Path(recorded)
+
     def changes(self, manifest: dict[str, Any], config, inputs: dict[str, str]) -> list[str]:
-        """Describe the config keys and input files (path: SHA-256) that differ from the run's."""
+        """Describe the config keys and input files (path: SHA-256) that differ from the run's.
+
+        Input files are compared by their path below the folder that holds them all, so a
+        data folder moved or copied elsewhere with the same files resumes the run, and one
+        whose files differ is a change. A manifest written before `input_contents` existed
+        is compared by absolute path.
+        """
         problems = []
         if manifest["config_hash"] != config.config_hash():
             stored = self.stored_config()
@@ -234,16 +281,38 @@ class RunDir:
                     key
                     for key in diff_keys(stored, config.model_dump(mode="json"))
                     if key.split(".")[0] not in EXECUTION_KEYS + RESTAGED_KEYS
+                    # The data folder may move: the input files' contents are compared below.
+                    and key != "data.root"
                 ]
                 if changed:
                     problems.append(f"config keys changed: {', '.join(changed)}")
-        changed_files = [
-            path
-            for path, digest in inputs.items()
-            if manifest["inputs"].get(path, digest) != digest
-        ]
+        stored_contents = manifest.get("input_contents")
+        if stored_contents is None:
+            changed_files = [
+                path
+                for path, digest in inputs.items()
+                if manifest["inputs"].get(path, digest) != digest
+            ]
+            added_files: list[str] = []
+            missing_files: list[str] = []
+        else:
+            contents = relative_input_names(inputs)
+            changed_files = [
+                path
+                for name, path in contents.items()
+                if name in stored_contents and stored_contents[name] != inputs[path]
+            ]
+            added_files = [path for name, path in contents.items() if name not in stored_contents]
+            missing_files = sorted(set(stored_contents) - set(contents))
         if changed_files:
             problems.append(f"input files changed: {', '.join(changed_files)}")
+        if added_files:
+            problems.append(f"input files added: {', '.join(added_files)}")
+        if missing_files:
+            problems.append(
+                "input files missing (paths below the data folder the run was started "
+                f"with): {', '.join(missing_files)}"
+            )
         return problems
 
     def stored_config(self) -> dict[str, Any] | None:

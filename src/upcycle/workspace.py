@@ -61,7 +61,11 @@ class Workspace:
         self.config = config
         self.run = RunDir(run_dir)
         self.device = resolve_device(config.device)
+        # Without data.root, --data or UPCYCLE_DATA, a command on an existing run reads the
+        # data folder that the run recorded when it started.
         self.data_root = resolve_data_root(config.data.root, data_root, os.environ)
+        if self.data_root is None:
+            self.data_root = self.run.recorded_data_root()
         self.task_names = [source.name for source in config.data.tasks]
 
     @cached_property

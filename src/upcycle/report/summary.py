@@ -42,6 +42,8 @@ def merge_sentence(results: RunResults, kind: Kind) -> str | None:
         return None
     try:
         curves = merged_curves(merges)
+        # The zero-shot rows are the base model at step 0, not a merging method.
+        curves = curves[curves["method"] != "zeroshot"]
         top = best_method(curves)
     except MissingData:
         return None

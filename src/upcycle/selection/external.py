@@ -322,7 +322,7 @@ def import_experts(
     folder = experts_file.resolve().parent
     config = run_config_for(spec, folder)
     ws = Workspace(config, run_dir, data_root=data_root)
-    ws.run.prepare(config, ws.input_files())
+    ws.run.prepare(config, ws.input_files(), data_root=ws.data_root)
     locations = {
         expert.task: {
             entry.step: resolve_location(entry.path, folder) for entry in expert.checkpoints
