@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -98,3 +100,12 @@ def test_shipped_configs_valid():
     for name in ("quick", "textsuite"):
         config = load_config(f"configs/{name}.yaml")
         assert config.name == name
+
+
+def test_config_reference_page_current():
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "scripts/config_reference.py"
+    reference = runpy.run_path(str(script))["reference"]
+    page = script.parent.parent / "docs/config.md"
+    assert page.read_text() == reference(), "run python scripts/config_reference.py"
