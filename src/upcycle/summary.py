@@ -55,6 +55,13 @@ def trajectory_table(
     return "\n".join(lines)
 
 
+def seeds_sentence(seeds: list[int]) -> str:
+    """Say which seeds the values come from, and that they are mean ± standard deviation."""
+    if len(seeds) == 1:
+        return f"Values are from seed {seeds[0]}."
+    return f"Values are mean ± standard deviation over seeds {', '.join(map(str, seeds))}."
+
+
 def write_summary(run: RunDir, extra_sections: list[str] | None = None) -> str:
     """Write RUN/summary.md from the result tables and return its text."""
     sections = ["# Run summary", ""]
@@ -72,8 +79,8 @@ def write_summary(run: RunDir, extra_sections: list[str] | None = None) -> str:
             f"## {title}: mean test accuracy over tasks (%)",
             "",
             "Rows are expert checkpoint steps; each merging method column merges the experts "
-            "of all tasks at that step. Bold marks each method's best step. Values are mean ± "
-            f"standard deviation over seeds {', '.join(map(str, seeds))}.",
+            "of all tasks at that step. Bold marks each method's best step. "
+            + seeds_sentence(seeds),
             "",
             trajectory_table(experts, merges, "test"),
             "",

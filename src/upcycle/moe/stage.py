@@ -49,7 +49,7 @@ from upcycle.models.family import ModelFamily
 from upcycle.moe.upcycle import moe_layers, train_router, upcycle_to_moe
 from upcycle.selection.trajectory import checkpoint_accuracy, checkpoint_for
 from upcycle.store import RunDir
-from upcycle.summary import _mean_std, per_seed_task_mean
+from upcycle.summary import _mean_std, per_seed_task_mean, seeds_sentence
 from upcycle.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -555,7 +555,7 @@ def summary_section(run: RunDir) -> list[str]:
             cells.append(f"**{cell}**" if best_step.get(name) == step else cell)
         lines.append("| " + " | ".join(cells) + " |")
 
-    seeds = ", ".join(str(seed) for seed in sorted(moe["seed"].unique()))
+    seeds = [int(seed) for seed in sorted(moe["seed"].unique())]
     return [
         "## LoRA experts upcycled into MoE layers: mean test accuracy over tasks (%)",
         "",
@@ -566,8 +566,7 @@ def summary_section(run: RunDir) -> list[str]:
             "accuracy over all steps and seeds. The last column is the share (%) of a task's "
             "validation top-k assignments routed to that task's own adapter, averaged over "
             "tasks and MoE layers, which uniform routing puts at 100 / (number of experts). "
-            "Bold marks the best step of each accuracy column. Values are mean ± standard "
-            f"deviation over seeds {seeds}."
+            "Bold marks the best step of each accuracy column. " + seeds_sentence(seeds)
         ),
         "",
         *lines,

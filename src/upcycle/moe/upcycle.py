@@ -360,5 +360,14 @@ def train_router(
         finally:
             model.train(was_training)
     if losses:
-        logger.info("trained routers for %d steps: loss %.4f -> %.4f", steps, losses[0], losses[-1])
+        # Single-batch losses are noisy, so compare the means of the first and last tenth.
+        window = max(1, len(losses) // 10)
+        logger.info(
+            "trained routers for %d steps: mean loss %.4f over the first %d steps, %.4f over the last %d",
+            steps,
+            sum(losses[:window]) / window,
+            window,
+            sum(losses[-window:]) / window,
+            window,
+        )
     return losses
