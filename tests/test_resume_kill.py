@@ -466,3 +466,10 @@ def test_later_command_reads_recorded_data_folder(
     code, err = run_cli(capsys, "select", str(run_dir), "--rule", "patience", "--param", "patience=1")
     assert code == 0, err
     assert f"reading the tasks from {tiny_suite.resolve()}" in caplog.text
+
+
+def test_merge_step_without_export_rejected(small_run, capsys):
+    _, run_dir, _ = small_run
+    code, err = run_cli(capsys, "merge", str(run_dir), "--step", "20", "--seed", "0")
+    assert code == 2
+    assert "--step, --seed apply only with --export METHOD" in err

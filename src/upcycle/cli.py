@@ -190,6 +190,18 @@ def dispatch(args: argparse.Namespace) -> int:
 
         build_textsuite(Path(args.out_dir), tasks=args.tasks, seed=args.seed)
         return 0
+    if args.command == "merge" and args.export is None:
+        export_options = (
+            ("--step", args.step),
+            ("--seed", args.seed),
+            ("--coefficient", args.coefficient),
+        )
+        export_only = [option for option, value in export_options if value is not None]
+        if export_only:
+            raise ConfigError(
+                f"{', '.join(export_only)} apply only with --export METHOD. Add --export METHOD "
+                "to write one merged task vector, or leave them out to run the merge stage"
+            )
     if args.command in ("merge", "select"):
         from upcycle.selection.external import run_dir_from_arguments
 

@@ -279,7 +279,9 @@ def merge_safetensors_files(
                 and math.prod(shape) > block_elements
                 and shape[0] > 1
             ):
-                dtypes = [_SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype()) for handle in handles]
+                dtypes = [
+                    _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype()) for handle in handles
+                ]
                 if all(dtype is not None and dtype.is_floating_point for dtype in dtypes):
                     blocked[key] = (list(shape), functools.reduce(torch.promote_types, dtypes))
 

@@ -363,7 +363,8 @@ def train_router(
         # Single-batch losses are noisy, so compare the means of the first and last tenth.
         window = max(1, len(losses) // 10)
         logger.info(
-            "trained routers for %d steps: mean loss %.4f over the first %d steps, %.4f over the last %d",
+            "trained routers for %d steps: mean loss %.4f over the first %d steps, "
+            "%.4f over the last %d",
             steps,
             sum(losses[:window]) / window,
             window,
