@@ -177,6 +177,11 @@ def dispatch(args: argparse.Namespace) -> int:
     from upcycle.workspace import Workspace
 
     progress = not getattr(args, "quiet", False)
+    if not progress:
+        # transformers draws its own bar while it loads weights.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if args.command == "run":
         from upcycle.config import load_config
 
