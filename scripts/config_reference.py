@@ -25,7 +25,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 HEADER = """# Config reference
 
 A run config is a YAML file with the sections below. Every key is optional unless its
-default says required. An unknown key, a value of the wrong type or a value out of range
+default column reads "required". An unknown key, a value of the wrong type or a value out of range
 is an error that names the key. `upcycle run CONFIG --set KEY=VALUE` overrides one key,
 e.g. `--set training.steps=100`. The example configs are in `configs/`.
 

@@ -268,7 +268,7 @@ def test_block_elements_must_be_positive(tmp_path):
 
 def test_blocked_ties_differs_only_at_threshold_ties(tmp_path):
     # bfloat16 keeps 8 bits of mantissa, so equal magnitudes at the trim threshold are
-    # common; topk keeps some of them and the blocked trim keeps all of them.
+    # common. topk keeps some of them, and the blocked trim keeps all of them.
     experts = large_experts(dtype=torch.bfloat16)
     paths = save_experts(tmp_path, experts)
     out = tmp_path / "merged.safetensors"

@@ -60,7 +60,7 @@ def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def relative_input_names(inputs: Mapping[str, str]) -> dict[str, str]:
-    """Map each input file's path below the deepest folder that holds them all to its path."""
+    """Map each input file's path below the deepest folder that contains them all to its path."""
     if not inputs:
         return {}
     paths = sorted(inputs)
@@ -266,7 +266,7 @@ class RunDir:
     def changes(self, manifest: dict[str, Any], config, inputs: dict[str, str]) -> list[str]:
         """Describe the config keys and input files (path: SHA-256) that differ from the run's.
 
-        Input files are compared by their path below the folder that holds them all, so a
+        Input files are compared by their path below the folder that contains them all, so a
         data folder moved or copied elsewhere with the same files resumes the run, and one
         whose files differ is a change. A manifest written before `input_contents` existed
         is compared by absolute path.

@@ -103,9 +103,10 @@ def _magnitude_bits(block: torch.Tensor) -> torch.Tensor:
 def _kth_largest_magnitude(blocks: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
     """The k-th largest magnitude over the tensor that `blocks()` yields block by block.
 
-    An exact radix select on the float32 bit patterns, two passes over the blocks with a
-    histogram of 2**16 bins each (first the high 16 bits, then the low 16 bits inside the
-    high bin that holds the k-th value), so no temporary of the tensor's size is made.
+    An exact radix select on the float32 bit patterns makes two passes over the blocks,
+    each with a histogram of 2**16 bins: the first counts the high 16 bits, the second the
+    low 16 bits inside the high bin that contains the k-th value. No temporary of the
+    tensor's size is made.
     """
     high = torch.zeros(1 << 16, dtype=torch.int64)
     for block in blocks():
