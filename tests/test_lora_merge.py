@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from upcycle.merging.lora import (
     lora_task_vector,
     merge_adapters_with_peft,
     peft_merged_task_vector,
+    wrap_with_peft,
 )
 
 TARGETS = ("query", "value", "output.dense")
@@ -497,3 +499,13 @@ def test_merged_vector_of_missing_adapter_raises(base, adapters):
     )
     with pytest.raises(MergeError, match="no LoRA layer of the model has adapter 'other'"):
         peft_merged_task_vector(merged, "other")
+
+
+def test_wrap_with_peft_drops_only_the_checkpointing_notice(base):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = wrap_with_peft(copy.deepcopy(base), lora_config(), adapter_name="expert")
+        warnings.warn("is_gradient_checkpointing elsewhere", FutureWarning, stacklevel=1)
+    assert model.active_adapter == "expert"
+    messages = [str(w.message) for w in caught]
+    assert messages == ["is_gradient_checkpointing elsewhere"]

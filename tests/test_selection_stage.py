@@ -20,6 +20,7 @@ from upcycle.pipeline import run_finetune, run_merge, run_select
 from upcycle.selection import Evaluation, apply_rule, make_rule
 from upcycle.selection.stage import options_from_arguments, summary_section
 from upcycle.selection.trajectory import checkpoint_for
+from upcycle.store import RunDir
 from upcycle.workspace import Workspace
 
 TASKS = ["topic", "mood", "topic2"]
@@ -215,6 +216,28 @@ def test_summary_lists_strategies(selected_run):
     row = selection_row(selected_run.run.root, "ties", "final")
     assert "| final | " in text
     assert f"{100 * row['test_accuracy']:.1f} (100%)" in text
+    assert "Values are from seed 0." in text
+
+
+def test_summary_names_every_seed_of_the_means(tmp_path):
+    run = RunDir(tmp_path / "run")
+    rows = pd.DataFrame(
+        {
+            "seed": [0, 3],
+            "kind": ["full", "full"],
+            "method": ["ties", "ties"],
+            "strategy": ["final", "final"],
+            "steps": ['{"a": 4}', '{"a": 4}'],
+            "compute_fraction": [1.0, 1.0],
+            "validation_accuracy": [0.5, 0.7],
+            "test_accuracy": [0.6, 0.8],
+            "merges_evaluated": [0, 0],
+        }
+    )
+    run.write_result("selection.csv", rows)
+    text = "\n".join(summary_section(run))
+    assert "Means over seeds 0, 3." in text
+    assert "| final | 70.0 (100%) |" in text
 
 
 # One rule

@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 import re
+import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -408,6 +409,21 @@ def check_combination_options(
             raise MergeError(f"svd_rank must be at least 1, got {svd_rank}")
 
 
+def wrap_with_peft(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Return `peft.get_peft_model(model, config)`, without PEFT's deprecation notice.
+
+    PEFT reads `is_gradient_checkpointing`, which transformers 5 marks as deprecated; the
+    FutureWarning it raises says nothing about the caller's code, so it is dropped here.
+    """
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        return get_peft_model(model, config, adapter_name=adapter_name)
+
+
 @contextmanager
 def seeded_rng(seed: int, model: nn.Module) -> Iterator[None]:
     """Seed torch for the block and restore the caller's random state afterwards.
@@ -465,8 +481,6 @@ def merge_adapters_with_peft(
             an adapter that does not fit the model and `lora_config` (named in the message).
         CheckpointError: for a malformed adapter state dict.
     """
-    from peft import get_peft_model
-
     if not adapters:
         raise MergeError("no adapters to merge: pass at least one adapter state dict")
     check_combination_options(
@@ -484,7 +498,7 @@ def merge_adapters_with_peft(
             internal = internal_names[name]
             config = copy.deepcopy(lora_config)
             if model is None:
-                model = get_peft_model(copy.deepcopy(base_model), config, adapter_name=internal)
+                model = wrap_with_peft(copy.deepcopy(base_model), config, adapter_name=internal)
             else:
                 model.add_adapter(internal, config)
             _load_adapter(model, name, internal, state)

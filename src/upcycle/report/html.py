@@ -107,6 +107,7 @@ def render_page(
         f'<li><a href="#{escape(figure.name, quote=True)}">{escape(figure.title)}</a></li>'
         for figure in figures
     )
+    contents += '\n<li><a href="#config">Resolved config</a></li>'
     if config_text is None:
         config_html = "<p>This run directory has no config.yaml.</p>"
     else:
@@ -125,9 +126,7 @@ def render_page(
         "<body>",
         f"<h1>{escape(title)}</h1>",
         f'<p class="summary">{escape(summary)}</p>',
-        f"<nav><ul>\n{contents}\n</ul></nav>" if figures else "",
-        "<h2>Resolved config</h2>",
-        config_html,
+        f"<nav><ul>\n{contents}\n</ul></nav>",
         *(render_figure(figure) for figure in figures),
     ]
     if skipped:
@@ -137,7 +136,12 @@ def render_page(
             "<p>These figures need result files that this run does not have yet.</p>",
             f"<ul>\n{items}\n</ul>",
         ]
+    # The config comes last and folded: it runs to a few hundred lines for a real run.
     sections += [
+        '<h2 id="config">Resolved config</h2>',
+        f"<details><summary>config.yaml of the run</summary>\n{config_html}\n</details>"
+        if config_text is not None
+        else config_html,
         f"<footer><p>Written by upcycle {escape(upcycle.__version__)}.</p></footer>",
         "</body>",
         "</html>",

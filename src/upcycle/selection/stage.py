@@ -640,7 +640,11 @@ def summary_section(run: RunDir) -> list[str]:
         means = rows.groupby(["strategy", "method"])[
             ["test_accuracy", "compute_fraction", "merges_evaluated"]
         ].mean()
-        seeds = ", ".join(str(seed) for seed in sorted(rows["seed"].unique()))
+        seeds = sorted(int(seed) for seed in rows["seed"].unique())
+        if len(seeds) == 1:
+            seeds_note = f"Values are from seed {seeds[0]}."
+        else:
+            seeds_note = f"Means over seeds {', '.join(map(str, seeds))}."
         lines += [
             f"## {KIND_TITLES[kind]}: checkpoint selection, merged test accuracy (%)",
             "",
@@ -649,7 +653,7 @@ def summary_section(run: RunDir) -> list[str]:
                 "steps are merged with each method, its scaling coefficient chosen on "
                 "validation. A cell is the mean test accuracy over tasks, then in brackets the "
                 "fine-tuning the choice needs as a percentage of every expert's full budget, "
-                f"and for searches the merges evaluated on validation. Means over seeds {seeds}."
+                "and for searches the merges evaluated on validation. " + seeds_note
             ),
             "",
             "| strategy | " + " | ".join(methods) + " |",

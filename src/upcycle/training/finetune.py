@@ -76,7 +76,9 @@ def build_trainable(ws: Workspace, kind: str):
     encoder = ws.fresh_encoder()
     if kind == "full":
         return encoder
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from upcycle.merging.lora import wrap_with_peft
 
     lora = ws.config.training.lora
     peft_config = LoraConfig(
@@ -86,7 +88,7 @@ def build_trainable(ws: Workspace, kind: str):
         target_modules=list(lora.target_modules),
         bias="none",
     )
-    return get_peft_model(encoder, peft_config)
+    return wrap_with_peft(encoder, peft_config)
 
 
 def checkpoint_tensors(ws: Workspace, kind: str, encoder, head) -> dict[str, torch.Tensor]:
