@@ -321,3 +321,41 @@ def test_summary_section_has_moe_table(lora_run):
 
 def test_summary_section_empty_without_moe(tmp_path):
     assert summary_section(RunDir(tmp_path)) == []
+
+
+def test_selection_compares_peft_merges(lora_run):
+    from upcycle.pipeline import run_select
+
+    run_select(lora_run)
+    table = pd.read_csv(lora_run.run.root / "results/selection.csv")
+    merges = pd.read_csv(lora_run.run.root / "results/lora_merges.csv")
+    assert list(dict.fromkeys(table["method"])) == ["task_arithmetic", *PEFT_METHODS]
+    for method in PEFT_METHODS:
+        rows = table[table["method"] == method].set_index("strategy")
+        assert {"final", "best-individual", "best-common"} <= set(rows.index), method
+        final_merge = merges[
+            (merges["method"] == method)
+            & (merges["step"] == STEPS[-1])
+            & (merges["split"] == "test")
+        ]
+        assert rows.loc["final", "test_accuracy"] == pytest.approx(final_merge["accuracy"].mean())
+
+
+def test_selection_peft_merge_matches_stage(lora_run):
+    from upcycle.selection.stage import MergeEvaluator
+
+    merges = pd.read_csv(lora_run.run.root / "results/lora_merges.csv")
+    evaluator = MergeEvaluator(lora_run, "lora", 0)
+    # Clear the results read from the merge stage, so the evaluator merges through PEFT.
+    evaluator._merged.clear()
+    evaluator._validation.clear()
+    merged = evaluator.merged("peft_ties", {task: 6 for task in TASKS})
+    stage = merges[(merges["method"] == "peft_ties") & (merges["step"] == 6)]
+    assert merged.coefficient == stage["coefficient"].iloc[0]
+    assert merged.test_accuracy == pytest.approx(
+        stage[stage["split"] == "test"]["accuracy"].mean()
+    )
+    assert merged.validation_accuracy == pytest.approx(
+        stage[stage["split"] == "validation"]["accuracy"].mean()
+    )
+    assert evaluator.merges_run == 2

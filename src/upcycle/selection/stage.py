@@ -1,7 +1,8 @@
 """The select stage: compare ways of choosing each expert's checkpoint step before merging.
 
-For every kind (full, lora), seed and task-vector merging method of `merging.methods`,
-each strategy picks one checkpoint step per task. The experts at those steps are merged
+For every kind (full, lora), seed and merging method, each strategy picks one checkpoint
+step per task. The methods are those of `merging.methods` and, for LoRA experts, the PEFT
+merges of `merging.lora_methods` too. The experts at those steps are merged
 as the merge stage merges them, with the scaling coefficient chosen on validation from
 `merging.coefficients`, and results/selection.csv gets one row per strategy:
 
@@ -22,9 +23,6 @@ as the merge stage merges them, with the scaling coefficient chosen on validatio
   step. Under `grid` it is scored with every coefficient, which costs len(coefficients)
   times more. When no step is shared by all tasks, best-common is skipped and the search
   starts from the final checkpoints.
-
-NOTE: the PEFT merges of LoRA adapters (`merging.lora_methods`) are not compared here, only
-the task-vector methods applied to the adapters' B·A updates.
 
 `compute_fraction` is the fine-tuning a choice needs: steps summed over tasks, divided by
 tasks × `training.steps`. A rule needs the step at which it stopped, or the trajectory's
@@ -185,10 +183,17 @@ def run_selection_stage(
         return
     settings = selection_settings(ws.config)
     entry = ws.run.read_manifest()["completed"].get(COMPARISON_KEY)
+    units = [
+        method_unit(kind, seed, method)
+        for kind in kinds
+        for seed in ws.config.seeds
+        for method in comparison_methods(ws, kind)
+    ]
     if (
         entry is not None
         and entry.get("settings") == settings
         and ws.run.is_complete(COMPARISON_KEY)
+        and all(ws.run.is_complete(unit) for unit in units)
     ):
         logger.info("selection comparison already complete, skipped")
         return
@@ -213,6 +218,18 @@ def selection_settings(config) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def comparison_methods(ws, kind: str) -> list[str]:
+    """Return the merging methods compared for `kind`: PEFT's LoRA merges come after the rest."""
+    methods = list(ws.config.merging.methods)
+    if kind == "lora":
+        methods += list(ws.config.merging.lora_methods)
+    return methods
+
+
+def method_unit(kind: str, seed: int, method: str) -> str:
+    return f"select/{kind}/seed{seed}/{method}"
+
+
 def compare_strategies(ws, kind: str, seed: int, settings: str) -> list[pd.DataFrame]:
     """Write and return the selection rows of every method for one kind and seed."""
     trajectories = expert_trajectories(ws, kind, seed)
@@ -221,8 +238,8 @@ def compare_strategies(ws, kind: str, seed: int, settings: str) -> list[pd.DataF
     choices = base_choices(ws, kind, seed, trajectories)
     evaluator = None
     frames = []
-    for method in ws.config.merging.methods:
-        unit = f"select/{kind}/seed{seed}/{method}"
+    for method in comparison_methods(ws, kind):
+        unit = method_unit(kind, seed, method)
         path = ws.run.root / "selection" / kind / f"seed{seed}" / f"{method}.csv"
         entry = ws.run.read_manifest()["completed"].get(unit)
         if entry is not None and entry.get("settings") == settings and ws.run.is_complete(unit):
@@ -443,15 +460,17 @@ class MergeEvaluator:
         self._experts: OrderedDict[tuple[str, int], object] = OrderedDict()
         self._merged: dict[tuple[str, tuple[int, ...]], MergedAccuracy] = {}
         self._validation: dict[tuple[str, tuple[int, ...], float], float] = {}
+        self._base_model = None
         self._read_merge_tables()
 
     def key(self, steps: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(int(steps[task]) for task in self.tasks)
 
     def grid(self, method: str) -> list[float]:
+        from upcycle.merging.lora import PEFT_LORA_METHODS
         from upcycle.merging.methods import MERGE_METHODS
 
-        if MERGE_METHODS[method].uses_coefficient:
+        if method in PEFT_LORA_METHODS or MERGE_METHODS[method].uses_coefficient:
             return list(self.ws.config.merging.coefficients)
         return [1.0]
 
@@ -492,13 +511,34 @@ class MergeEvaluator:
         *,
         test: bool = False,
     ) -> None:
-        from upcycle.merging.sweep import evaluate_vector, heads_for, merge_and_choose
+        from upcycle.merging.lora import PEFT_LORA_METHODS
+        from upcycle.merging.sweep import (
+            evaluate_vector,
+            heads_for,
+            lora_adapter_info,
+            merge_and_choose,
+            merge_and_choose_peft,
+        )
 
         experts = [self._expert(task, steps[task]) for task in self.tasks]
         heads = heads_for(self.ws, experts)
-        outcome = merge_and_choose(
-            self.ws, experts, heads, method, seed=self.seed, coefficients=coefficients
-        )
+        if method in PEFT_LORA_METHODS:
+            if self._base_model is None:
+                self._base_model = self.ws.fresh_encoder().eval()
+            outcome = merge_and_choose_peft(
+                self.ws,
+                experts,
+                heads,
+                method,
+                seed=self.seed,
+                base_model=self._base_model,
+                info=lora_adapter_info(experts),
+                coefficients=coefficients,
+            )
+        else:
+            outcome = merge_and_choose(
+                self.ws, experts, heads, method, seed=self.seed, coefficients=coefficients
+            )
         self.merges_run += len(outcome.grid)
         key = self.key(steps)
         for coefficient, score in outcome.grid:
@@ -529,7 +569,7 @@ class MergeEvaluator:
         merges = self.ws.run.read_result(merges_name)
         if merges is None or merges.empty:
             return
-        methods = self.ws.config.merging.methods
+        methods = comparison_methods(self.ws, self.kind)
         merges = merges[(merges["seed"] == self.seed) & merges["method"].isin(methods)]
         keys = {}
         for (method, step), rows in merges.groupby(["method", "step"]):
@@ -607,7 +647,7 @@ def log_rule_merges(ws, kind: str, seed: int, rule: StoppingRule, steps: Steps) 
     """Log the chosen steps and the merge of those checkpoints with every merging method."""
     logger.info("%r on %s seed %d: chosen steps %s", rule, kind, seed, steps)
     evaluator = MergeEvaluator(ws, kind, seed)
-    for method in ws.config.merging.methods:
+    for method in comparison_methods(ws, kind):
         merged = evaluator.merged(method, steps)
         logger.info(
             "%r on %s seed %d, %s merge (coefficient %g): validation accuracy %.4f, test "
