@@ -921,7 +921,8 @@ def selection_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
     methods = list(dict.fromkeys(table["method"]))
     colors = colors_for(methods)
 
-    figure = new_figure()
+    # Taller than the other figures, to leave room for the legend below the panels.
+    figure = new_figure((FIGSIZE[0], FIGSIZE[1] + 1.5))
     accuracy_axes, compute_axes = figure.subplots(1, 2)
     width = 0.8 / len(methods)
     positions = np.arange(len(strategies))
@@ -948,7 +949,14 @@ def selection_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
         accuracy_axes.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
     compute_axes.set_ylabel("compute spent (% of the full trajectory)")
     compute_axes.set_ylim(0, 105)
-    accuracy_axes.legend(title="merging method", fontsize="small")
+    # Below both panels: inside one, eight methods would cover the first groups of bars.
+    figure.legend(
+        *accuracy_axes.get_legend_handles_labels(),
+        title="merging method",
+        fontsize="small",
+        loc="outside lower center",
+        ncols=min(4, len(methods)),
+    )
 
     caption = (
         f"Test accuracy (left) and fine-tuning compute spent (right) when each stopping strategy "
