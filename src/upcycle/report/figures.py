@@ -949,7 +949,8 @@ def selection_figure(results: RunResults, *, kind: Kind) -> ReportFigure:
         accuracy_axes.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
     compute_axes.set_ylabel("compute spent (% of the full trajectory)")
     compute_axes.set_ylim(0, 105)
-    # Below both panels: inside one, eight methods would cover the first groups of bars.
+    # The legend goes below both panels, because inside one it would cover bars when there
+    # are many methods.
     figure.legend(
         *accuracy_axes.get_legend_handles_labels(),
         title="merging method",
