@@ -501,7 +501,7 @@ def test_merged_vector_of_missing_adapter_raises(base, adapters):
         peft_merged_task_vector(merged, "other")
 
 
-def test_wrap_with_peft_drops_only_the_checkpointing_notice(base):
+def test_wrap_with_peft_filters_one_warning(base):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = wrap_with_peft(copy.deepcopy(base), lora_config(), adapter_name="expert")

@@ -439,7 +439,7 @@ def test_report_moe_caption(full_run: Path) -> None:
 def test_report_config_shown(full_run: Path) -> None:
     text = index_of(full_run).read_text(encoding="utf-8")
     assert "<pre>name: synthetic\nseeds:\n- 0\n- 1\n" in text
-    # Folded, linked from the contents, and after the last figure.
+    # The config is folded, linked from the contents and placed after the last figure.
     folded = text.index("<details><summary>config.yaml of the run</summary>\n<pre>name: synthetic")
     assert '<a href="#config">Resolved config</a>' in text
     assert text.rindex("<figure") < folded < text.index("<footer>")

@@ -219,7 +219,7 @@ def test_summary_lists_strategies(selected_run):
     assert "Values are from seed 0." in text
 
 
-def test_summary_names_every_seed_of_the_means(tmp_path):
+def test_summary_names_all_seeds(tmp_path):
     run = RunDir(tmp_path / "run")
     rows = pd.DataFrame(
         {

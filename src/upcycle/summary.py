@@ -55,11 +55,17 @@ def trajectory_table(
     return "\n".join(lines)
 
 
-def seeds_sentence(seeds: list[int]) -> str:
-    """Say which seeds the values come from, and that they are mean ± standard deviation."""
+def seeds_sentence(seeds: list[int], *, spread: bool = True) -> str:
+    """Return a sentence naming the seeds behind the values.
+
+    Over several seeds the values are means, with the standard deviation when `spread`.
+    """
     if len(seeds) == 1:
         return f"Values are from seed {seeds[0]}."
-    return f"Values are mean ± standard deviation over seeds {', '.join(map(str, seeds))}."
+    names = ", ".join(map(str, seeds))
+    if spread:
+        return f"Values are mean ± standard deviation over seeds {names}."
+    return f"Means over seeds {names}."
 
 
 def write_summary(run: RunDir, extra_sections: list[str] | None = None) -> str:

@@ -410,10 +410,10 @@ def check_combination_options(
 
 
 def wrap_with_peft(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
-    """Return `peft.get_peft_model(model, config)`, without PEFT's deprecation notice.
+    """Return `peft.get_peft_model(model, config)` without PEFT's deprecation warning.
 
-    PEFT reads `is_gradient_checkpointing`, which transformers 5 marks as deprecated; the
-    FutureWarning it raises says nothing about the caller's code, so it is dropped here.
+    PEFT reads `is_gradient_checkpointing`, which transformers 5 marks as deprecated. The
+    FutureWarning it raises is about PEFT, not the caller's code, so it is filtered here.
     """
     from peft import get_peft_model
 

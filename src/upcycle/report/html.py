@@ -136,7 +136,7 @@ def render_page(
             "<p>These figures need result files that this run does not have yet.</p>",
             f"<ul>\n{items}\n</ul>",
         ]
-    # The config comes last and folded: it runs to a few hundred lines for a real run.
+    # The config comes last and folded, because a real run's config is a few hundred lines.
     sections += [
         '<h2 id="config">Resolved config</h2>',
         f"<details><summary>config.yaml of the run</summary>\n{config_html}\n</details>"

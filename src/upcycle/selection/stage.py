@@ -2,8 +2,8 @@
 
 For every kind (full, lora), seed and merging method, each strategy picks one checkpoint
 step per task. The methods are those of `merging.methods` and, for LoRA experts, the PEFT
-merges of `merging.lora_methods` too. The experts at those steps are merged
-as the merge stage merges them, with the scaling coefficient chosen on validation from
+merges of `merging.lora_methods` too. The experts at those steps are merged as the merge
+stage merges them, with the scaling coefficient chosen on validation from
 `merging.coefficients`, and results/selection.csv gets one row per strategy:
 
 - ``final``: the checkpoint each expert's training delivered, the one `checkpoint_for`
@@ -69,6 +69,7 @@ from upcycle.selection.trajectory import (
     starts_at_zero_shot,
 )
 from upcycle.store import RunDir
+from upcycle.summary import seeds_sentence
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def selection_settings(config) -> str:
 
 
 def comparison_methods(ws, kind: str) -> list[str]:
-    """Return the merging methods compared for `kind`: PEFT's LoRA merges come after the rest."""
+    """Return the merging methods compared for `kind`, with PEFT's LoRA merges last."""
     methods = list(ws.config.merging.methods)
     if kind == "lora":
         methods += list(ws.config.merging.lora_methods)
@@ -227,6 +228,7 @@ def comparison_methods(ws, kind: str) -> list[str]:
 
 
 def method_unit(kind: str, seed: int, method: str) -> str:
+    """Return the manifest key of one method's selection rows."""
     return f"select/{kind}/seed{seed}/{method}"
 
 
@@ -681,10 +683,6 @@ def summary_section(run: RunDir) -> list[str]:
             ["test_accuracy", "compute_fraction", "merges_evaluated"]
         ].mean()
         seeds = sorted(int(seed) for seed in rows["seed"].unique())
-        if len(seeds) == 1:
-            seeds_note = f"Values are from seed {seeds[0]}."
-        else:
-            seeds_note = f"Means over seeds {', '.join(map(str, seeds))}."
         lines += [
             f"## {KIND_TITLES[kind]}: checkpoint selection, merged test accuracy (%)",
             "",
@@ -693,7 +691,8 @@ def summary_section(run: RunDir) -> list[str]:
                 "steps are merged with each method, its scaling coefficient chosen on "
                 "validation. A cell is the mean test accuracy over tasks, then in brackets the "
                 "fine-tuning the choice needs as a percentage of every expert's full budget, "
-                "and for searches the merges evaluated on validation. " + seeds_note
+                "and for searches the merges evaluated on validation. "
+                + seeds_sentence(seeds, spread=False)
             ),
             "",
             "| strategy | " + " | ".join(methods) + " |",
